@@ -1,0 +1,1 @@
+"""segkd training engine: config, data, models, methods, trainer, evaluation."""

@@ -1,0 +1,163 @@
+"""Run configuration: a few dataclasses, one documented default per field, argparse flags generated from them.
+
+Every field `foo_bar` of every section becomes the flag `--foo-bar`; its help text is the field's doc.
+"""
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+def _f(default, doc, **extra):
+    """A dataclass field with its documentation (shown as the flag's --help)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **extra})
+    return field(default=default, metadata={"doc": doc, **extra})
+
+
+def parse_size(text):
+    """'512' -> (512, 512); '360,480' or '360x480' -> (360, 480) as (height, width)."""
+    if isinstance(text, (tuple, list)):
+        return tuple(int(v) for v in text)
+    parts = str(text).replace("x", ",").split(",")
+    try:
+        sizes = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512 or 360,480, got {text!r}") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 512 or 360,480, got {text!r}")
+    return sizes
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = _f("pspnet_small", "teacher architecture (see README: model names)")
+    student: str = _f("pspnet_tiny", "student architecture")
+    teacher_ckpt: str = _f("", "trained teacher checkpoint; empty: train one first (cached by settings) and use it")
+    pretrained_backbone: str = _f("", "torchvision ImageNet state dict loaded into the backbone of the model being trained")
+    sync_bn: bool = _f(False, "convert the student's BatchNorm layers to SyncBatchNorm under DDP")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("synthetic", "dataset name: synthetic (built in, no download) or camvid")
+    data_root: str = _f("", "dataset folder (not needed for synthetic)")
+    crop: tuple = _f((64, 64), "training crop HEIGHT,WIDTH (or one number for a square)", parse=parse_size)
+    batch_size: int = _f(8, "images per process per iteration")
+    workers: int = _f(2, "DataLoader worker processes per process")
+    scale_min: float = _f(0.5, "smallest random rescale factor of the training augmentation")
+    scale_max: float = _f(2.0, "largest random rescale factor")
+    flip: bool = _f(True, "random horizontal flip")
+    rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)")
+
+
+@dataclass
+class MethodConfig:
+    method: str = _f("cad", "distillation method, or several joined by '+' (e.g. cad+kd); 'none' trains with CE only")
+    position: str = _f("", "where feature methods distil: backbone|decoder|logits (empty: the method's default)")
+    temperature: float = _f(1.0, "softmax temperature T of the per-pixel KD term (kd, and the KD term of lad/cad/pad/apd)")
+    kd_weight: float = _f(1.0, "kd: weight of T^2-scaled per-pixel KL (CIRKD/SKD use 1 at T = 1)")
+    fitnet_weight: float = _f(1.0, "fitnet: weight of the feature MSE")
+    md_weight: float = _f(1.0, "md: weight of the magnitude term")
+    ad_weight: float = _f(10.0, "lad/cad/pad: lambda_ad, weight of the angular term")
+    ad_kd_weight: float = _f(10.0, "lad/cad/pad: lambda_kd, weight of the per-pixel KD term that is part of the method")
+    apd_kd_weight: float = _f(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)")
+    apd_rec_weight: float = _f(10.0, "apd: lambda_rec, weight of the prototype reconstruction term")
+    apd_tau: float = _f(0.1, "apd: temperature of the prototype cosine similarities")
+    apd_teacher_lr: float = _f(1e-5, "apd: Adam learning rate of the teacher projector P_t")
+    cwd_weight: float = _f(3.0, "cwd: weight of the channel-wise KL")
+    cwd_temperature: float = _f(4.0, "cwd: temperature of the spatial softmax")
+
+
+@dataclass
+class OptimConfig:
+    iters: int = _f(600, "training iterations")
+    lr: float = _f(0.02, "base learning rate of SGD (poly schedule, power 0.9, per iteration)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    poly_power: float = _f(0.9, "exponent of the poly learning-rate schedule")
+
+
+@dataclass
+class RunConfig:
+    out: str = _f("", "run directory (empty: runs/<dataset>-<student>-<method>)")
+    resume: str = _f("auto", "checkpoint to continue from: a file, 'auto' (the run directory's last checkpoint if any) or 'none'")
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    log_interval: int = _f(20, "iterations between log lines (the only host syncs of the loop)")
+    eval_interval: int = _f(0, "iterations between validations (0: only at the end)")
+    ckpt_interval: int = _f(200, "iterations between checkpoints (one is always written at the end)")
+    keep_ckpts: int = _f(2, "numbered checkpoints kept besides last.pt")
+    teacher_iters: int = _f(1200, "iterations of the teacher trained when no --teacher-ckpt is given")
+    amp: bool = _f(False, "bf16 autocast on CUDA")
+    sliding: bool = _f(False, "evaluate with sliding-window inference (crop-sized windows) instead of whole images")
+    device: str = _f("auto", "auto|cpu|cuda")
+    cache_dir: str = _f("", "where trained default teachers and baselines are cached (empty: $SEGKD_CACHE or ~/.cache/segkd)")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of to_dict; unknown keys are ignored so that older checkpoints still load."""
+        sections = {}
+        for name, klass in SECTIONS.items():
+            known = {f.name: f for f in dataclasses.fields(klass)}
+            values = {}
+            for k, v in (d.get(name) or {}).items():
+                if k in known:
+                    parse = known[k].metadata.get("parse")
+                    values[k] = parse(v) if parse else v
+            sections[name] = klass(**values)
+        return cls(**sections)
+
+    def dumps(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def add_flags(parser, sections=SECTIONS):
+    """Add one flag per dataclass field, grouped by section."""
+    for name, klass in sections.items():
+        group = parser.add_argument_group(name)
+        for f in dataclasses.fields(klass):
+            flag = "--" + f.name.replace("_", "-")
+            doc = f.metadata.get("doc", "")
+            default = f.default
+            if isinstance(default, bool):
+                group.add_argument(flag, dest=f"{name}.{f.name}", action=argparse.BooleanOptionalAction,
+                                   default=default, help=doc)
+            else:
+                kind = f.metadata.get("parse") or type(default)
+                shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+                group.add_argument(flag, dest=f"{name}.{f.name}", type=kind, default=default,
+                                   metavar=f.name.upper(), help=f"{doc} (default: {shown!r})")
+    return parser
+
+
+def config_from_args(args):
+    """Build a Config from an argparse namespace filled by add_flags."""
+    values = {name: {} for name in SECTIONS}
+    for key, v in vars(args).items():
+        if "." in key:
+            section, fname = key.split(".", 1)
+            if section in values:
+                values[section][fname] = v
+    return Config(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+
+
+def parse_config(argv=None, description=None):
+    parser = add_flags(argparse.ArgumentParser(description=description))
+    return config_from_args(parser.parse_args(argv))

@@ -1,0 +1,8 @@
+"""Distillation loss math: the only API `engine/` uses. Knows nothing of `engine/`."""
+from kernels.angular import angular_loss
+from kernels.bn_stat import bn_stat_distance
+from kernels.channel_kl import channel_kl
+from kernels.masked_avg_pool import masked_avg_pool
+from kernels.pixel_kl import pixel_kl
+
+__all__ = ["pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "bn_stat_distance"]
