@@ -90,6 +90,7 @@ class RunConfig:
     ckpt_interval: int = _f(200, "iterations between checkpoints (one is always written at the end)")
     keep_ckpts: int = _f(2, "numbered checkpoints kept besides last.pt")
     teacher_iters: int = _f(1200, "iterations of the teacher trained when no --teacher-ckpt is given")
+    baseline: bool = _f(False, "also train the student alone with the same settings (cached) for the closing table")
     amp: bool = _f(False, "bf16 autocast on CUDA")
     sliding: bool = _f(False, "evaluate with sliding-window inference (crop-sized windows) instead of whole images")
     device: str = _f("auto", "auto|cpu|cuda")

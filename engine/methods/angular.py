@@ -1,0 +1,38 @@
+"""`lad`, `cad`, `pad`: angular distillation (Liu et al., "Rethinking Knowledge Distillation with Raw
+Features for Semantic Segmentation", WACV 2024): match the direction of the features, not their magnitude.
+
+    L = CE + lambda_ad * L_ad + lambda_kd * L_kd
+
+L_ad = kernels.angular_loss(r(F_s), F_t, mode) with mode layer (LAD: one vector per sample), channel
+(CAD: one vector per channel over H*W) or point (PAD: one vector per pixel over C); each per-sample value
+lies in [0, 4], averaged over the batch (see kernels/angular.py). L_kd = per-pixel KD on logits at
+temperature T (kernels.pixel_kl, mean over pixels, as CIRKD's CriterionKD).
+Defaults lambda_ad = 10, lambda_kd = 10 (the paper's), features from the last backbone stage; r is a
+1x1 conv + BN + ReLU connector when the channel counts differ. The KD term is part of the method: `cad+kd`
+adds a second, Hinton KD term on top; `--ad-kd-weight 0` leaves the angular term alone.
+"""
+import kernels
+from engine.methods.base import FeatureMethod
+
+
+class _Angular(FeatureMethod):
+    mode = "layer"
+
+    def forward(self, s, t, batch):
+        fs, ft = self.pair(s, t)
+        terms = {"ad": self.cfg.ad_weight * kernels.angular_loss(fs, ft, self.mode)}
+        if self.cfg.ad_kd_weight:
+            terms["kd"] = self.cfg.ad_kd_weight * kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature)
+        return terms
+
+
+class LAD(_Angular):
+    name, mode = "lad", "layer"
+
+
+class CAD(_Angular):
+    name, mode = "cad", "channel"
+
+
+class PAD(_Angular):
+    name, mode = "pad", "point"

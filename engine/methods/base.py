@@ -1,0 +1,107 @@
+"""What every distillation method shares: the constructor, the loss-term contract, the connector.
+
+A method is a small nn.Module. Given the student's and the teacher's outputs (SegOutput: backbone, decoder,
+logits) and the batch, `forward` returns a dict of named, already-weighted loss terms; the trainer adds them
+to the student's cross-entropy and never looks inside. A method owns its extra trainable parts (connectors,
+projectors): by default they join the student's SGD; a part with its own optimizer is listed by
+`optimizers()` and left out of `param_groups()`.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POSITIONS = ("backbone", "decoder", "logits")
+
+
+class Method(nn.Module):
+    name = "none"
+    needs_teacher = True
+    default_position = "logits"
+    positioned = False  # True for methods that honour --position
+
+    def __init__(self, cfg, student_channels, teacher_channels, num_classes, ignore_index=255):
+        """cfg: MethodConfig; *_channels: the models' `channels` dicts ({"backbone": C, "decoder": C, "logits": K})."""
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.position = (cfg.position or self.default_position) if self.positioned else self.default_position
+        if self.position not in POSITIONS:
+            raise ValueError(f"--position {self.position!r} is not one of {', '.join(POSITIONS)}")
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+
+    def forward(self, s, t, batch):
+        """s, t: SegOutput of student and teacher (t is None when needs_teacher is False). -> {term: scalar}."""
+        return {}
+
+    def start_iteration(self, iteration, total_iters):
+        """Called by the trainer before each step (for methods whose loss follows a schedule)."""
+
+    def param_groups(self):
+        """Extra parameter groups for the student's SGD (connectors and the like)."""
+        own = {id(p) for m in self.separately_trained() for p in m.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        return [{"params": params}] if params else []
+
+    def separately_trained(self):
+        """Sub-modules trained by the method's own optimizers, hence left out of param_groups()."""
+        return []
+
+    def optimizers(self):
+        """New optimizers for separately_trained() parts; the trainer builds them once and steps them every
+        iteration after the student's, and saves their state in checkpoints."""
+        return []
+
+    def features(self, out):
+        return getattr(out, self.position)
+
+
+def connector(c_in, c_out):
+    """1x1 conv + BN + ReLU mapping student channels to the teacher's (FitNets-style regressor)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class FeatureMethod(Method):
+    """A method that compares student and teacher features at --position, through a connector when the
+    channel counts differ (and a bilinear resize when the spatial sizes do)."""
+
+    positioned = True
+    default_position = "backbone"
+
+    def __init__(self, cfg, student_channels, teacher_channels, num_classes, ignore_index=255):
+        super().__init__(cfg, student_channels, teacher_channels, num_classes, ignore_index)
+        c_s, c_t = student_channels[self.position], teacher_channels[self.position]
+        self.connector = connector(c_s, c_t) if c_s != c_t else nn.Identity()
+
+    def pair(self, s, t):
+        """-> (student feature mapped to the teacher's shape, teacher feature)."""
+        fs, ft = self.connector(self.features(s)), self.features(t)
+        if fs.shape[-2:] != ft.shape[-2:]:
+            fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
+        return fs, ft
+
+
+def labels_at(labels, size):
+    """Nearest-neighbour downsampling of [B, H, W] labels to `size` (no new label values)."""
+    if labels.shape[-2:] == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def segmentation_ce(logits, labels, ignore_index=255):
+    """Pixel-mean cross-entropy of feature-resolution logits upsampled (bilinear) to the label size.
+
+    Mean over non-ignored pixels; 0 (not NaN) when every pixel is ignored.
+    """
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return loss / (labels != ignore_index).sum().clamp_min(1)
+
+
+class NoDistillation(Method):
+    """`none`: cross-entropy only (the student alone, and how teachers are trained)."""
+
+    name = "none"
+    needs_teacher = False

@@ -1,0 +1,19 @@
+"""`fitnet`: naive feature distillation, the mean squared error between features (Romero et al., FitNets,
+ICLR 2015; as the raw-feature baseline of Liu et al., WACV 2024).
+
+    L = CE + fitnet_weight * (1 / (B*C*H*W)) * sum (r(F_s) - F_t)^2
+
+r is a 1x1 conv + BN + ReLU connector when channel counts differ. Default position: last backbone stage;
+default weight 1 (the mean over all elements, as F.mse_loss with reduction='mean').
+"""
+import torch.nn.functional as F
+
+from engine.methods.base import FeatureMethod
+
+
+class FitNet(FeatureMethod):
+    name = "fitnet"
+
+    def forward(self, s, t, batch):
+        fs, ft = self.pair(s, t)
+        return {"fitnet": self.cfg.fitnet_weight * F.mse_loss(fs.float(), ft.float())}

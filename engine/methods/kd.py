@@ -1,0 +1,17 @@
+"""`kd`: per-pixel knowledge distillation on logits (Hinton et al., 2015; per-pixel form of SKD, CVPR 2019).
+
+    L = CE + kd_weight * T^2 * mean_{pixels} KL(softmax(z_t/T) || softmax(z_s/T))     (kernels.pixel_kl)
+
+Defaults: T = 1, kd_weight = 1. CIRKD's CriterionKD computes the same quantity (F.kl_div(..., 'batchmean')
+over the [B*H*W, C] permuted logits, times T^2), so its lambda_kd = 1 carries over unchanged. Distilled at
+feature resolution (the logits every model returns), not after upsampling: the same distributions, 64x cheaper.
+"""
+import kernels
+from engine.methods.base import Method
+
+
+class KD(Method):
+    name = "kd"
+
+    def forward(self, s, t, batch):
+        return {"kd": self.cfg.kd_weight * kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature)}

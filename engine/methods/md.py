@@ -1,0 +1,18 @@
+"""`md`: magnitude distillation, matching only the norm of the feature (Liu et al., "Rethinking Knowledge
+Distillation with Raw Features for Semantic Segmentation", WACV 2024).
+
+    L = CE + md_weight * mean_b (1/N) * (||F_t,b||_2 - ||r(F_s,b)||_2)^2,   N = C*H*W
+
+The complement of angular distillation (lad/cad/pad), which matches only the direction. Default weight 1.
+"""
+from engine.methods.base import FeatureMethod
+
+
+class MD(FeatureMethod):
+    name = "md"
+
+    def forward(self, s, t, batch):
+        fs, ft = self.pair(s, t)
+        n = fs[0].numel()
+        gap = ft.float().flatten(1).norm(dim=1) - fs.float().flatten(1).norm(dim=1)  # [B]
+        return {"md": self.cfg.md_weight * (gap.pow(2) / n).mean()}
