@@ -148,6 +148,19 @@ def add_flags(parser, sections=SECTIONS):
     return parser
 
 
+def markdown_reference(sections=SECTIONS):
+    """The CLI reference table of the README, generated from the dataclasses (a test keeps the two equal)."""
+    lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for name, klass in sections.items():
+        for f in dataclasses.fields(klass):
+            d = f.default
+            shown = ",".join(map(str, d)) if isinstance(d, tuple) else ("(empty)" if d == "" else d)
+            if isinstance(d, bool):
+                shown = "on" if d else "off"
+            lines.append(f"| `--{f.name.replace('_', '-')}` | {shown} | {f.metadata.get('doc', '')} |")
+    return "\n".join(lines)
+
+
 def config_from_args(args):
     """Build a Config from an argparse namespace filled by add_flags."""
     values = {name: {} for name in SECTIONS}
@@ -162,3 +175,7 @@ def config_from_args(args):
 def parse_config(argv=None, description=None):
     parser = add_flags(argparse.ArgumentParser(description=description))
     return config_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    print(markdown_reference())
