@@ -51,6 +51,7 @@ class DataConfig:
     scale_max: float = _f(2.0, "largest random rescale factor")
     flip: bool = _f(True, "random horizontal flip")
     rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)")
+    val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)")
 
 
 @dataclass

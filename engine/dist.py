@@ -35,6 +35,9 @@ def init_distributed(device="auto"):
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # N processes on one machine: share the cores, don't oversubscribe
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistEnv(rank, world, local, dev)

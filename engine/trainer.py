@@ -107,6 +107,8 @@ class Trainer:
                                        scale=(d.scale_min, d.scale_max), flip=d.flip, rotate=d.rotate,
                                        seed=cfg.run.seed)
         self.val_set = build_dataset(d.dataset, "val", root=d.data_root, train=False)
+        val_items = (torch.utils.data.Subset(self.val_set, range(min(d.val_size, len(self.val_set))))
+                     if d.val_size else self.val_set)
         k, ignore = self.train_set.num_classes, self.train_set.ignore_index
         self.num_classes, self.ignore_index = k, ignore
 
@@ -139,7 +141,7 @@ class Trainer:
             g["initial_lr"] = g["lr"]
         self.method_optimizers = self.distiller.method.optimizers()
 
-        self.val_loader = build_val_loader(self.val_set, d.batch_size, workers=d.workers, rank=env.rank,
+        self.val_loader = build_val_loader(val_items, d.batch_size, workers=d.workers, rank=env.rank,
                                            world_size=env.world_size)
         self.start_iter, self.rng_to_restore = 0, None
         self._resume()

@@ -1,0 +1,227 @@
+"""End to end through the CLI: every method, torchrun with 2 gloo processes, exact resume, teacher caching,
+evaluation, and each bad input's error."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.methods import METHODS
+from engine.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
+
+
+def run(tmp, *args):
+    """main() in-process with a private cache; returns the result dict."""
+    return main([*FAST, "--cache-dir", str(tmp / "cache"), *args])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    run(tmp, "--method", "none", "--student", "pspnet_small", "--iters", "3", "--out", str(tmp / "t"))
+    return str(tmp / "t" / "last.pt")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"] + ["cad+kd"])
+def test_every_method_trains_end_to_end(method, teacher, tmp_path):
+    out = tmp_path / "run"
+    result = run(tmp_path, "--method", method, "--teacher-ckpt", teacher, "--iters", "3", "--out", str(out))
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["teacher_miou"] <= 1.0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(np.isfinite(r["loss"]) for r in train)
+    terms = set(train[-1]["terms"])
+    assert "ce" in terms and any(t.startswith(method.split("+")[0] + "/") for t in terms)
+    assert [r for r in records if r["kind"] == "eval"]
+    for name in ("results.json", "curves.png", "samples.png", "config.json", "last.pt"):
+        assert (out / name).exists(), name
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["complete"] and ckpt["iteration"] == 3
+
+
+def test_cli_subprocess_prints_summary(teacher, tmp_path):
+    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), *FAST, "--method", "kd", "--teacher-ckpt", teacher,
+           "--iters", "2", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "segkd summary" in p.stdout and "pspnet_tiny + kd" in p.stdout and "teacher" in p.stdout
+
+
+def test_torchrun_two_gloo_processes_and_evaluate_agree(teacher, tmp_path):
+    """2-process DDP run; the mIoU it reports equals evaluate.py on 1 process and on 2."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [*torchrun, str(ROOT / "engine" / "train.py"), *FAST, "--val-size", "7", "--method", "cad",
+           "--teacher-ckpt", teacher, "--iters", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("segkd summary") == 1  # rank 0 alone reports
+    reported = json.loads((out / "results.json").read_text())["miou"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["val_size"] == 7
+    # evaluate.py sees the whole val split: compare with a 1-process and a 2-process evaluation of it
+    ev = [str(ROOT / "engine" / "evaluate.py"), "--ckpt", str(out / "last.pt"), "--workers", "0"]
+    one = subprocess.run([sys.executable, *ev, "--json", str(tmp_path / "one.json")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    two = subprocess.run([*torchrun, *ev, "--json", str(tmp_path / "two.json")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert r1["miou"] == pytest.approx(r2["miou"], abs=1e-12)
+    assert "mIoU" in one.stdout and "background" in one.stdout  # per-class table with class names
+    assert 0.0 <= reported <= 1.0
+
+
+def test_resume_is_exact(teacher, tmp_path):
+    """2N iterations straight == N, then resume, then N more: identical weights (CPU)."""
+    common = ["--method", "cad", "--teacher-ckpt", teacher, "--iters", "6", "--ckpt-interval", "3",
+              "--keep-ckpts", "5"]
+    run(tmp_path, *common, "--out", str(tmp_path / "straight"))
+    mid = tmp_path / "straight" / "ckpt_0000003.pt"
+    assert load_checkpoint(mid)["iteration"] == 3
+    run(tmp_path, *common, "--out", str(tmp_path / "resumed"), "--resume", str(mid))
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["iteration"] == b["iteration"] == 6
+    for key in ("model", "method_state"):
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), f"{key}.{name} differs after resume"
+    # and a resumed run did move on from the checkpoint
+    m = load_checkpoint(mid)["model"]
+    assert any(not torch.equal(m[k], a["model"][k]) for k in m if m[k].is_floating_point())
+
+
+def test_resume_auto_finishes_a_complete_run_without_training(teacher, tmp_path):
+    args = ["--method", "kd", "--teacher-ckpt", teacher, "--iters", "2", "--out", str(tmp_path / "r")]
+    first = run(tmp_path, *args)
+    mtime = (tmp_path / "r" / "last.pt").stat().st_mtime_ns
+    second = run(tmp_path, *args)  # --resume auto is the default
+    assert second["miou"] == pytest.approx(first["miou"])
+    assert (tmp_path / "r" / "last.pt").stat().st_mtime_ns == mtime
+
+
+def test_teacher_is_frozen(teacher, tmp_path):
+    from engine.config import parse_config
+    from engine.dist import DistEnv
+    from engine.trainer import Trainer
+
+    cfg = parse_config([*FAST, "--method", "cad", "--teacher-ckpt", teacher, "--iters", "2",
+                        "--out", str(tmp_path / "f")])
+    tr = Trainer(cfg, DistEnv())
+    before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in tr.student.state_dict().items()}
+    tr.distiller.train()
+    tr.teacher.train()  # must stay in eval mode
+    assert not tr.teacher.training and not any(m.training for m in tr.teacher.modules())
+    loader = iter(__import__("engine.data", fromlist=["x"]).build_train_loader(tr.train_set, 2, workers=0))
+    for it in range(2):
+        tr.train_step(next(loader), it)
+    for k, v in tr.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher {k} changed (BN statistics included)"
+    assert all(p.grad is None and not p.requires_grad for p in tr.teacher.parameters())
+    assert any(not torch.equal(v, student_before[k]) for k, v in tr.student.state_dict().items())
+
+
+def test_default_teacher_is_trained_then_cached(tmp_path, capsys):
+    args = ["--method", "kd", "--teacher-iters", "2", "--iters", "2", "--teacher", "pspnet_tiny"]
+    run(tmp_path, *args, "--out", str(tmp_path / "a"))
+    first = capsys.readouterr().out
+    assert "no --teacher-ckpt given: training the teacher pspnet_tiny" in first
+    run(tmp_path, *args, "--out", str(tmp_path / "b"), "--baseline")
+    second = capsys.readouterr().out
+    assert "using the cached teacher pspnet_tiny" in second and "training the teacher" not in second
+    assert "pspnet_tiny alone" in second and "not cached" not in second  # --baseline trained it
+    run(tmp_path, *args, "--out", str(tmp_path / "c"))
+    assert "cached:" in capsys.readouterr().out  # the baseline is now cached for the closing table
+
+
+# ------------------------------------------------------------------ bad input: a clear error, nothing lost
+def test_unknown_method_and_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown --method 'bogus'.*valid methods: none, kd"):
+        run(tmp_path, "--method", "bogus")
+    with pytest.raises(ValueError, match="pspnet_r18"):
+        run(tmp_path, "--method", "none", "--student", "resnet_bogus", "--out", str(tmp_path / "x"))
+
+
+def test_teacher_with_other_class_count(tmp_path):
+    from engine.models import build_model
+
+    path = tmp_path / "t19.pt"
+    torch.save(build_model("pspnet_tiny", 19).state_dict(), path)
+    with pytest.raises(ValueError, match=r"t19\.pt predicts 19 classes but dataset synthetic has \d+"):
+        run(tmp_path, "--method", "kd", "--teacher", "pspnet_tiny", "--teacher-ckpt", str(path),
+            "--out", str(tmp_path / "x"))
+
+
+def test_missing_data_root(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+        run(tmp_path, "--method", "none", "--dataset", "camvid", "--data-root", str(tmp_path / "nowhere"),
+            "--out", str(tmp_path / "x"))
+
+
+def test_bad_label_value_names_file_and_value(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "camvid"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((24, 32, 3), 100, np.uint8)).save(root / split / f"f{i}.png")
+            lab = np.full((24, 32), 3, np.uint8)
+            if split == "train" and i == 2:
+                lab[5, 5] = 42
+            Image.fromarray(lab).save(root / f"{split}annot" / f"f{i}.png")
+    with pytest.raises(ValueError, match=r"f2\.png.*42"):
+        run(tmp_path, "--method", "none", "--dataset", "camvid", "--data-root", str(root), "--iters", "4",
+            "--out", str(tmp_path / "x"))
+
+
+def test_non_finite_loss_names_iteration_and_term_and_keeps_checkpoint(teacher, tmp_path, monkeypatch):
+    from engine.methods import kd as kd_module
+    from engine.trainer import NonFiniteLossError
+
+    calls = {"n": 0}
+    original = kd_module.KD.forward
+
+    def poisoned(self, s, t, batch):
+        calls["n"] += 1
+        terms = original(self, s, t, batch)
+        if calls["n"] == 5:  # the 5th iteration
+            terms["kd"] = terms["kd"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(kd_module.KD, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"iteration 5: term\(s\) kd/kd.*last good checkpoint"):
+        run(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "8", "--ckpt-interval", "4",
+            "--log-interval", "3", "--out", str(out))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_resume_from_another_model_or_method(teacher, tmp_path):
+    run(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "2", "--out", str(tmp_path / "kd"))
+    ckpt = str(tmp_path / "kd" / "last.pt")
+    with pytest.raises(ValueError, match="method 'kd'.*this run trains method 'cad'"):
+        run(tmp_path, "--method", "cad", "--teacher-ckpt", teacher, "--resume", ckpt, "--out", str(tmp_path / "y"))
+    with pytest.raises(ValueError, match="model 'pspnet_tiny'.*this run trains model 'deeplabv3_tiny'"):
+        run(tmp_path, "--method", "kd", "--student", "deeplabv3_tiny", "--teacher-ckpt", teacher, "--resume", ckpt,
+            "--out", str(tmp_path / "z"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    for name, msg in (("junk.pt", "junk.pt could not be read"), ("foreign.pt", "foreign.pt is not a segkd checkpoint")):
+        with pytest.raises(ValueError, match=msg):
+            run(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--resume", str(tmp_path / name),
+                "--out", str(tmp_path / "w"))
