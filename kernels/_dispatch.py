@@ -65,6 +65,12 @@ def use_triton(*tensors):
     return True
 
 
+def upcast(x):
+    """The dtype references compute in: fp32 for fp32/bf16/fp16 inputs, float64 kept, so that tests can run
+    the references as true float64 ground truth (their results are still returned as float32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def needs_grad(*tensors):
     """True when autograd will want a gradient for any of these tensors."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -110,7 +116,7 @@ MAX_SPLITS = 1024
 def row_tiling(length):
     """(block, chunk, n_splits) for rows of `length` elements; chunk is a multiple of block."""
     block = min(ROW_BLOCK, max(16, next_pow2(length)))
-    chunk = max(block, ROW_CHUNK // block * block)
+    chunk = max(block, min(ROW_CHUNK // block, triton.cdiv(length, block)) * block)
     n_splits = triton.cdiv(length, chunk)
     if n_splits > MAX_SPLITS:  # very long rows: longer chunks rather than more partials
         chunk = triton.cdiv(triton.cdiv(length, MAX_SPLITS), block) * block

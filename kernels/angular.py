@@ -22,7 +22,7 @@ so forward is one reading pass (the three sums) and backward one more (read s an
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, use_triton
+from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, upcast, use_triton
 
 EPS = 1e-6
 MODES = ("layer", "channel", "point")
@@ -33,16 +33,16 @@ def angular_loss_reference(student, teacher, mode):
     if mode not in MODES:
         raise ValueError(f"angular_loss: unknown mode {mode!r}; expected one of {MODES}")
     b, c = student.shape[:2]
-    s = student.float().reshape(b, c, -1)  # [B, C, HW]
-    t = teacher.float().reshape(b, c, -1)
+    s = upcast(student).reshape(b, c, -1)  # [B, C, HW]
+    t = upcast(teacher).reshape(b, c, -1)
     if mode == "layer":
         d = F.normalize(s.reshape(b, -1), dim=1, eps=EPS) - F.normalize(t.reshape(b, -1), dim=1, eps=EPS)
-        return d.pow(2).sum(1).mean()
+        return d.pow(2).sum(1).mean().float()
     if mode == "channel":
         d = F.normalize(s, dim=2, eps=EPS) - F.normalize(t, dim=2, eps=EPS)
-        return d.pow(2).sum((1, 2)).mean() / c
+        return (d.pow(2).sum((1, 2)).mean() / c).float()
     d = F.normalize(s, dim=1, eps=EPS) - F.normalize(t, dim=1, eps=EPS)
-    return d.pow(2).sum((1, 2)).mean() / s.shape[2]
+    return (d.pow(2).sum((1, 2)).mean() / s.shape[2]).float()
 
 
 @triton.jit
@@ -160,9 +160,10 @@ def _angular_point_bwd_kernel(
 
 
 def _point_tiling(c, hw):
+    """(C_BLOCK, HW_BLOCK, num_warps) for the point mode: ~4K-element tiles on 8 warps (< 100 registers)."""
     c_block = min(32, next_pow2(c))
     hw_block = min(max(16, 4096 // c_block), max(16, next_pow2(hw)))
-    return c_block, hw_block
+    return c_block, hw_block, 8 if c_block * hw_block >= 4096 else 4
 
 
 def _rows(s, mode):
@@ -178,10 +179,10 @@ def angular_forward(student, teacher, mode):
     b, c = s.shape[:2]
     hw = s[0, 0].numel()
     if mode == "point":
-        c_block, hw_block = _point_tiling(c, hw)
+        c_block, hw_block, warps = _point_tiling(c, hw)
         stats = empty((3, b, hw), torch.float32, s.device)
         _angular_point_stats_kernel[(triton.cdiv(hw, hw_block), b)](s, t, stats, c, hw, C_BLOCK=c_block,
-                                                                     HW_BLOCK=hw_block, num_warps=4)
+                                                                     HW_BLOCK=hw_block, num_warps=warps)
         stats = stats.reshape(3, -1)
     else:
         rows, length = _rows(s, mode)
@@ -212,9 +213,9 @@ def angular_backward(student, teacher, mode, stats, grad_loss):
     k = torch.stack([scale * (1 - cos_term) / (ns * ns), scale / (ns * nt)])  # [2, G]
     g = empty(s.shape, s.dtype, s.device)
     if mode == "point":
-        c_block, hw_block = _point_tiling(c, hw)
+        c_block, hw_block, warps = _point_tiling(c, hw)
         _angular_point_bwd_kernel[(triton.cdiv(hw, hw_block), b)](s, t, k, g, c, hw, C_BLOCK=c_block,
-                                                                   HW_BLOCK=hw_block, num_warps=4)
+                                                                   HW_BLOCK=hw_block, num_warps=warps)
     else:
         rows, length = _rows(s, mode)
         block, chunk, n_splits = row_tiling(length)

@@ -15,15 +15,15 @@ mu = k + S1/N and var = S2/N - (S1/N)^2. The data-free generator backpropagates 
 """
 import torch
 
-from kernels._dispatch import empty, needs_grad, row_tiling, triton, tl, use_triton
+from kernels._dispatch import empty, needs_grad, row_tiling, triton, tl, upcast, use_triton
 
 
 def bn_stat_distance_reference(x, running_mean, running_var):
     """x: [B, C, H, W]; running_mean, running_var: [C]. Returns [B] float32."""
-    x = x.float()
+    x = upcast(x)
     mean = x.mean(dim=(2, 3))  # [B, C]
     var = x.var(dim=(2, 3), unbiased=False)
-    return (mean - running_mean.float()).norm(dim=1) + (var - running_var.float()).norm(dim=1)
+    return ((mean - upcast(running_mean)).norm(dim=1) + (var - upcast(running_var)).norm(dim=1)).float()
 
 
 @triton.jit

@@ -14,7 +14,7 @@ KL and (when the student needs it) writes the gradient. Backward only scales tha
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, use_triton
+from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, upcast, use_triton
 from kernels._grad_scale import scale_grad_
 
 
@@ -22,9 +22,9 @@ def channel_kl_reference(student, teacher, temperature=4.0):
     """student, teacher: [B, C, H, W]. Returns a float32 scalar."""
     t = float(temperature)
     b, c = student.shape[:2]
-    log_qs = F.log_softmax(student.float().reshape(b, c, -1) / t, dim=-1)  # [B, C, HW]
-    log_qt = F.log_softmax(teacher.float().reshape(b, c, -1) / t, dim=-1)
-    return (log_qt.exp() * (log_qt - log_qs)).sum() * (t * t) / (b * c)
+    log_qs = F.log_softmax(upcast(student).reshape(b, c, -1) / t, dim=-1)  # [B, C, HW]
+    log_qt = F.log_softmax(upcast(teacher).reshape(b, c, -1) / t, dim=-1)
+    return ((log_qt.exp() * (log_qt - log_qs)).sum() * (t * t) / (b * c)).float()
 
 
 @triton.jit

@@ -14,7 +14,7 @@ of the same one-hot. Backward is a gather of the (tiny) prototype gradient at ea
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import DOT_PRECISION, dot_dtype, empty, needs_grad, next_pow2, triton, tl, use_triton
+from kernels._dispatch import DOT_PRECISION, dot_dtype, empty, next_pow2, triton, tl, upcast, use_triton
 
 
 def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
@@ -26,10 +26,11 @@ def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
     k = int(num_classes)
     lab = labels.reshape(b, -1).long()  # [B, HW]
     inside = (lab >= 0) & (lab < k) & (lab != ignore_index)
-    onehot = F.one_hot(torch.where(inside, lab, 0), k).float() * inside[..., None]  # [B, HW, K]
-    sums = torch.bmm(feat.float().reshape(b, c, -1), onehot)  # [B, C, K]
+    f = upcast(feat).reshape(b, c, -1)  # [B, C, HW]
+    onehot = F.one_hot(torch.where(inside, lab, 0), k).to(f.dtype) * inside[..., None]  # [B, HW, K]
+    sums = torch.bmm(f, onehot)  # [B, C, K]
     counts = onehot.sum(1)  # [B, K]
-    return sums.transpose(1, 2) / counts.clamp_min(1)[..., None], counts
+    return (sums.transpose(1, 2) / counts.clamp_min(1)[..., None]).float(), counts.float()
 
 
 @triton.jit

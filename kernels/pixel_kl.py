@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, triton, tl, use_triton
+from kernels._dispatch import empty, needs_grad, next_pow2, triton, tl, upcast, use_triton
 from kernels._grad_scale import scale_grad_
 
 
@@ -26,13 +26,13 @@ def pixel_kl_reference(student, teacher, temperature=1.0, valid=None):
     V is the set of valid pixels (all pixels when `valid` is None); the loss is 0 when V is empty.
     """
     t = float(temperature)
-    log_ps = F.log_softmax(student.float() / t, dim=1)  # [B, C, H, W]
-    log_pt = F.log_softmax(teacher.float() / t, dim=1)
+    log_ps = F.log_softmax(upcast(student) / t, dim=1)  # [B, C, H, W]
+    log_pt = F.log_softmax(upcast(teacher) / t, dim=1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)  # [B, H, W]
     if valid is None:
-        return kl.mean() * (t * t)
+        return (kl.mean() * (t * t)).float()
     kl = torch.where(valid, kl, torch.zeros_like(kl))
-    return kl.sum() / valid.sum().clamp_min(1) * (t * t)
+    return (kl.sum() / valid.sum().clamp_min(1) * (t * t)).float()
 
 
 @triton.jit

@@ -26,7 +26,7 @@ so backward only scales them by grad_output. Teacher inputs that require grad ta
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import DOT_PRECISION, empty, needs_grad, next_pow2, triton, tl, use_triton
+from kernels._dispatch import DOT_PRECISION, empty, needs_grad, next_pow2, triton, tl, upcast, use_triton
 from kernels._grad_scale import scale_grad_
 
 ABSENT = -1e4
@@ -38,10 +38,15 @@ def prototype_logits_reference(feat, protos, present, tau):
 
     Features and prototypes are normalised here (n(x) = x / max(||x||, EPS)), so the dot product is a cosine.
     """
+    return _logits(feat, protos, present, tau).float()
+
+
+def _logits(feat, protos, present, tau):
+    """prototype_logits_reference in the compute dtype (float64 kept, so tests get a float64 ground truth)."""
     b, d, h, w = feat.shape
-    f = F.normalize(feat.float().reshape(b, d, h * w), dim=1, eps=EPS)  # [B, D, HW]
-    a = F.normalize(protos.float(), dim=2, eps=EPS)  # [B, K, D]
-    logits = torch.bmm(a, f) / tau  # [B, K, HW]
+    f = F.normalize(upcast(feat).reshape(b, d, h * w), dim=1, eps=EPS)  # [B, D, HW]
+    a = F.normalize(upcast(protos), dim=2, eps=EPS)  # [B, K, D]
+    logits = torch.bmm(a.to(f.dtype), f) / tau  # [B, K, HW]
     logits = torch.where(present[..., None], logits, torch.full_like(logits, ABSENT))
     return logits.reshape(b, -1, h, w)
 
@@ -50,8 +55,8 @@ def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau):
     """L_ob: pixel-mean KL(p_a,t || p_a,s). Float32 scalar. The caller detaches the teacher side."""
     from kernels.pixel_kl import pixel_kl_reference
 
-    logits_s = prototype_logits_reference(feat_s, protos_s, present, tau)
-    logits_t = prototype_logits_reference(feat_t, protos_t, present, tau)
+    logits_s = _logits(feat_s, protos_s, present, tau)
+    logits_t = _logits(feat_t, protos_t, present, tau)
     return pixel_kl_reference(logits_s, logits_t, 1.0)
 
 
