@@ -10,11 +10,17 @@ SHAPES = [(2, 19, 5, 7), (1, 11, 3, 33), (3, 21, 4, 4), (1, 150, 3, 5)]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(fused, row_tiles, shape, dtype):
+def test_matches_reference(fused, shape, dtype):
     b, c = shape[:2]
     x = (randn(*shape) * 2 + randn(1, c, 1, 1)).to(dtype)
     rm, rv = randn(c), randn(c).abs() + 0.5
     compare(bn_stat_distance, bn_stat_distance_reference, [x, rm, rv])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_split_across_programs(fused, row_tiles, dtype):
+    x = (randn(2, 5, 9, 13) * 2 + 1).to(dtype)
+    compare(bn_stat_distance, bn_stat_distance_reference, [x, randn(5), randn(5).abs()])
 
 
 def test_large_mean_small_spread(fused, row_tiles):
