@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="CPU only: run our Triton kernels through TRITON_INTERPRET=1 for the `ours` provider")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all that apply to the device)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 5; GPU: do_bench)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 20; GPU: do_bench)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory for the results")
     args = p.parse_args(argv)
     if args.providers:
@@ -349,7 +349,10 @@ def main(args):
     providers = args.providers.split(",") if args.providers else [
         p for p in PROVIDERS
         if (p != "compile" or DEVICE == "cuda") and (p != "liger" or (DEVICE == "cuda" and has_liger()))]
-    reps = args.reps or 5
+    reps = args.reps or 20
+    if DEVICE == "cpu":
+        # One intra-op thread: with a shared, busy CPU, OpenMP barriers turn microsecond ops into 100 ms outliers.
+        torch.set_num_threads(1)
     torch._dynamo.config.cache_size_limit = 256  # one compiled graph per (op, shape, dtype, pass)
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs(reps)
@@ -358,7 +361,8 @@ def main(args):
             "ours runs": ours_path + (" (interpreted)" if args.interpret else ""),
             "providers": ", ".join(providers), "torch": torch.__version__,
             "triton": getattr(_dispatch.triton, "__version__", "unavailable"),
-            "timing": "triton.testing.do_bench median" if DEVICE == "cuda" else f"wall-clock median of {reps}",
+            "timing": "triton.testing.do_bench median" if DEVICE == "cuda" else
+            f"wall-clock median of {reps}, 1 CPU thread",
             "bytes": "compulsory traffic: inputs read once, outputs and input gradients written once",
             "grad_output": f"{GO} for scalar losses", "shapes": "small (smoke run)" if args.small else "issue 3",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
