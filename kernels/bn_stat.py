@@ -86,8 +86,8 @@ def bn_stat_forward(x, running_mean, running_var):
     _bn_stat_fwd_kernel[(b * c, n_splits)](x, partial, n, CHUNK=chunk, BLOCK=block,
                                            num_warps=4 if block <= 1024 else 8)
     s1, s2 = partial.sum(2).reshape(2, b, c)
-    shift = x.reshape(b, c, n)[:, :, 0].float()
-    mean = shift + s1 / n
+    shift = x.reshape(b, c, n)[:, :, 0].float()  # a strided view of x when x is fp32
+    mean = (shift + s1 / n).contiguous()
     var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
     d = (mean - running_mean.float()).norm(dim=1) + (var - running_var.float()).norm(dim=1)
     return d, mean, var

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, compare, randn
+from kernel_testing import DTYPES, compare, randn
 from kernels import angular_loss
 from kernels.angular import MODES, angular_loss_reference
 
