@@ -113,3 +113,17 @@ def test_torch_compile_traces_through_the_custom_op(fused, case):
     comp.backward()
     torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(comp_s.grad, eager_s.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is only observable with a CUDA device")
+@pytest.mark.parametrize("case", range(6), ids=[op[0] for op in _ops()])
+def test_no_host_sync(fused, case):
+    name, fn, shape = _ops()[case]
+    s = randn(*shape).requires_grad_()
+    fn(s).backward()  # first call: compilation and autotuning may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (0.5 * fn(s)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
