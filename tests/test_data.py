@@ -146,8 +146,8 @@ def test_context_classes_look_alike_locally():
 
 
 def test_context_classes_differ_by_ring():
-    """What tells classes 6 and 7 apart is the ring: every patch-in-ring has ring pixels on both sides within
-    reach, a patch outside a ring never lies in a ring's hole."""
+    """What tells classes 6 and 7 apart is the ring: from every patch-in-ring pixel, a ring pixel lies within
+    one inner radius along the row or the column (unless occluded on all four sides)."""
     for i in range(30):
         rgb, label = generate(0, 1, i)
         ys, xs = np.nonzero(label == PATCH_IN)
