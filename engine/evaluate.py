@@ -92,6 +92,7 @@ def main(argv=None):
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--sliding", action="store_true", help="sliding-window inference (windows of --window)")
     p.add_argument("--window", type=parse_size, default=None, help="sliding window size (default: training crop)")
+    p.add_argument("--val-size", type=int, default=0, help="evaluate the first N images only (0: all)")
     p.add_argument("--batch-size", type=int, default=4, help="images per process")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
@@ -112,7 +113,8 @@ def main(argv=None):
         model = build_model(ckpt["arch"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
         model.to(env.device)
-        loader = build_val_loader(ds, args.batch_size, workers=args.workers, rank=env.rank,
+        items = torch.utils.data.Subset(ds, range(min(args.val_size, len(ds)))) if args.val_size else ds
+        loader = build_val_loader(items, args.batch_size, workers=args.workers, rank=env.rank,
                                   world_size=env.world_size)
         result = evaluate(model, loader, ds.num_classes, env.device, ignore_index=ds.ignore_index,
                           sliding=args.sliding, window=args.window or cfg.data.crop, amp=args.amp)
@@ -120,7 +122,7 @@ def main(argv=None):
             mode = "sliding window" if args.sliding else "whole image"
             print(format_iou(result, ds.class_names,
                              f"{ckpt['arch']} ({args.ckpt}, iteration {ckpt['iteration']}) on {dataset} "
-                             f"{args.split}, {len(ds)} images, {mode}:"))
+                             f"{args.split}, {len(items)} images, {mode}:"))
             if args.json:
                 Path(args.json).write_text(json.dumps({**result, "class_names": list(ds.class_names)}, indent=2))
         return result

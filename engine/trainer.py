@@ -220,9 +220,18 @@ class Trainer:
             opt.step()
         return {k: v.detach().float() for k, v in terms.items()}
 
+    def _sync_buffers(self):
+        """Give every rank rank 0's BatchNorm statistics. DDP broadcasts buffers at the start of each forward,
+        so after the last step rank 0's are one update ahead; evaluating or saving without this would let the
+        ranks score slightly different models."""
+        if self.env.distributed:
+            for buf in self.distiller.buffers():
+                torch.distributed.broadcast(buf, 0)
+
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model=None):
         model = model if model is not None else self.student
+        self._sync_buffers()
         return evaluate(model, self.val_loader, self.num_classes, self.env.device, ignore_index=self.ignore_index,
                         sliding=self.cfg.run.sliding, window=self.cfg.data.crop, amp=self.cfg.run.amp)
 

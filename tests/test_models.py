@@ -70,9 +70,9 @@ def test_decoder_feature_is_the_classifier_input():
 
 def test_small_variant_sizes():
     small, tiny = build_model("pspnet_small", 11), build_model("deeplabv3_tiny", 11)
-    assert small.channels == {"backbone": 128, "decoder": 64, "logits": 11}
+    assert small.channels == {"backbone": 256, "decoder": 128, "logits": 11}
     assert [len(getattr(small.backbone, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
-    assert small.backbone.conv1.weight.shape == (16, 3, 7, 7)
+    assert small.backbone.conv1.weight.shape == (32, 3, 7, 7)
     assert tiny.channels == {"backbone": 64, "decoder": 32, "logits": 11}
     assert [len(getattr(tiny.backbone, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
     assert tiny.head[0].convs[0][0].out_channels == 32  # ASPP width follows the decoder width

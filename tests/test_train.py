@@ -68,8 +68,8 @@ def test_torchrun_two_gloo_processes_and_evaluate_agree(teacher, tmp_path):
     reported = json.loads((out / "results.json").read_text())["miou"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["val_size"] == 7
-    # evaluate.py sees the whole val split: compare with a 1-process and a 2-process evaluation of it
-    ev = [str(ROOT / "engine" / "evaluate.py"), "--ckpt", str(out / "last.pt"), "--workers", "0"]
+    # the saved model, scored by evaluate.py on 1 process and on 2, on the same 7 images
+    ev = [str(ROOT / "engine" / "evaluate.py"), "--ckpt", str(out / "last.pt"), "--workers", "0", "--val-size", "7"]
     one = subprocess.run([sys.executable, *ev, "--json", str(tmp_path / "one.json")], capture_output=True,
                          text=True, timeout=300, env=env)
     two = subprocess.run([*torchrun, *ev, "--json", str(tmp_path / "two.json")], capture_output=True, text=True,
@@ -78,6 +78,7 @@ def test_torchrun_two_gloo_processes_and_evaluate_agree(teacher, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert r1["miou"] == pytest.approx(r2["miou"], abs=1e-12)
+    assert r1["miou"] == pytest.approx(reported, abs=1e-12)  # ranks evaluated the model that was saved
     assert "mIoU" in one.stdout and "background" in one.stdout  # per-class table with class names
     assert 0.0 <= reported <= 1.0
 

@@ -55,7 +55,7 @@ class SmallSize:
     decoder: int    # decoder width: PSP's 3x3 conv, DeepLabV3's ASPP and 3x3 conv
 
 
-SMALL = SmallSize(layers=(2, 2, 2, 2), width=16, decoder=64)   # teacher of the default run
+SMALL = SmallSize(layers=(2, 2, 2, 2), width=32, decoder=128)  # teacher of the default run
 TINY = SmallSize(layers=(1, 1, 1, 1), width=8, decoder=32)     # student of the default run
 
 
