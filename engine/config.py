@@ -88,7 +88,7 @@ class RunConfig:
     resume: str = _f("auto", "checkpoint to continue from: a file, 'auto' (the run directory's last checkpoint if any) or 'none'")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     log_interval: int = _f(20, "iterations between log lines (the only host syncs of the loop)")
-    eval_interval: int = _f(0, "iterations between validations (0: only at the end)")
+    eval_interval: int = _f(200, "iterations between validations (0: only at the end)")
     ckpt_interval: int = _f(200, "iterations between checkpoints (one is always written at the end)")
     keep_ckpts: int = _f(2, "numbered checkpoints kept besides last.pt")
     teacher_iters: int = _f(1200, "iterations of the teacher trained when no --teacher-ckpt is given")
