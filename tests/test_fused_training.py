@@ -25,7 +25,7 @@ def teacher(tmp_path_factory):
 
 
 def train_steps(method, teacher, path, steps=3):
-    cfg = parse_config([*FAST, "--method", method, "--teacher-ckpt", teacher, "--iters", "10",
+    cfg = parse_config([*FAST, "--method", method, "--teacher-ckpt", teacher, "--iters", "10", "--lr", "0.05",
                         "--out", str(path), "--resume", "none"])
     tr = Trainer(cfg, DistEnv())
     tr.distiller.train()
@@ -58,4 +58,6 @@ def test_fused_and_reference_paths_train_alike(method, teacher, tmp_path, monkey
             assert f[k] == pytest.approx(r[k], rel=2e-4, abs=1e-6), f"step {step} term {k}"
     for k, v in ref_w.items():
         if v.is_floating_point():
-            torch.testing.assert_close(fused_w[k], v, rtol=1e-3, atol=1e-5, msg=f"weight {k}")
+            # 3 SGD steps at lr 0.05 turn fp32 rounding of the fused gradients into ~1e-5 weight differences;
+            # a wrong gradient moves weights by lr * grad ~ 1e-2
+            torch.testing.assert_close(fused_w[k], v, rtol=1e-3, atol=1e-4, msg=lambda m: f"weight {k}: {m}")
