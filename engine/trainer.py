@@ -127,6 +127,9 @@ class Trainer:
         self.method = method
 
         distiller = Distiller(student, method, ignore)
+        if cfg.model.sync_bn and env.distributed and dev.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation "
+                             "(drop the flag for gloo runs on CPU)")
         if cfg.model.sync_bn and env.distributed:
             distiller = nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
         self.distiller = distiller.to(dev)

@@ -226,3 +226,13 @@ def test_resume_from_another_model_or_method(teacher, tmp_path):
         with pytest.raises(ValueError, match=msg):
             run(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--resume", str(tmp_path / name),
                 "--out", str(tmp_path / "w"))
+
+
+def test_sync_bn_on_cpu_is_refused_clearly(teacher, tmp_path):
+    from engine.config import parse_config
+    from engine.dist import DistEnv
+    from engine.trainer import Trainer
+
+    cfg = parse_config([*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--sync-bn", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        Trainer(cfg, DistEnv(rank=0, world_size=2))
