@@ -1,0 +1,309 @@
+"""NVIDIA DALI loaders: the torch path's training stream and validation split, decoded and augmented by DALI.
+
+Why an external source and not DALI's file readers: the batches must be those of the torch path, sample for
+sample. TrainBatchSampler (engine/data/loader.py) maps run iteration `it` straight to this rank's keys, and
+`sample_params` draws each key's AugParams from (seed, key); DALI's readers shuffle with their own RNG, shard
+with their own padding rules and can only resume by replaying. So one per-sample callback (`TrainSource`, run
+in DALI's Python worker processes) turns sample n of the pipeline's stream into (iteration start_iter + n // B,
+slot n % B), reads that key's file and its AugParams, and hands DALI the encoded image plus the explicit
+parameters of every operator. Ranks are disjoint, resume is exact from any iteration, and the two loaders
+agree because they share the key stream, the augmentation RNG and the semantics of engine/data/transforms.py.
+
+Training graph, per sample (image H x W, rescaled size (h, w) = scaled_size, crop ch x cw):
+
+    encoded --decoders.image (mixed: GPU / cpu)--> uint8 HWC
+      --resize(linear, antialias; ROI = the crop window's footprint in the source)--> uint8 [wh, ww, 3]
+      --crop_mirror_normalize(pad bottom/right to ch x cw with 0 after normalising, mirror)--> float
+      --warp_affine(rotation matrix, linear, fill 0) --> transpose --> float32 [3, ch, cw]
+    label (PIL in the source: palette PNGs read as indices, dataset's id mapping)
+      --crop_label: nearest rescale + pad 255 + crop + flip, as one integer gather of the window--> [ch, cw, 1]
+      --warp_affine(the same matrix, nearest, fill 255)--> uint8 [ch, cw]
+
+Resampling only the window (ROI) costs the crop, not the whole rescaled image, and matches rescale-then-crop
+because both put output pixel j at source centre (top + j + .5) * H / h with the same filter width. The label
+is rescaled by index arithmetic rather than DALI's nearest resize because DALI computes source indices in
+float32 and picks the other neighbour at exact ties (floor((y + .5) H / h) an integer), which happen for many
+size pairs (e.g. 360 -> 450 rows); the gather is exact, cheap (only ch x cw pixels) and leaves labels
+identical to the torch path. Warp matrices use DALI's convention: output pixel centre (x + .5, y + .5) reads
+source point M @ (x + .5, y + .5, 1), out-of-image neighbours take the fill value, exactly as transforms.rotate.
+
+Evaluation graph: decode -> normalise -> CHW; label as read; both padded to the largest image of the batch
+(image 0, label 255), as the torch path's pad_collate does.
+
+Devices: with CUDA, decoding runs on the GPU (`mixed`) and every operator after it on the GPU, the batch
+arriving as CUDA tensors; without CUDA (`device_id=None`) everything runs on DALI's CPU operators.
+"""
+import math
+
+import numpy as np
+import torch
+from nvidia.dali import Pipeline, fn, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from engine.data import transforms as T
+from engine.data.files import BadSampleError, FileSegmentation
+from engine.data.loader import ShardSampler, TrainBatchSampler
+
+OUTPUTS = ["image", "label", "index"]
+PREFETCH = 2  # batches DALI prepares ahead (also of the Python source)
+
+
+def default_device_id():
+    """This process's CUDA device (DDP has set it by the time loaders are built), or None for DALI's CPU mode."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _start_method():
+    # fork is cheaper, but a process that has initialised CUDA must not fork workers that could touch it
+    return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+
+
+def _read(dataset, i):
+    """(index used, image, (H, W), label [H, W]): encoded bytes for on-disk datasets (DALI decodes them),
+    uint8 [H, W, 3] pixels for generated ones."""
+    if isinstance(dataset, FileSegmentation):
+        j, (data, hw, label) = dataset.first_readable(i, dataset.load_encoded)
+        return j, data, hw, label
+    j, rgb, label = dataset.load_checked(i)
+    return j, rgb, rgb.shape[:2], label
+
+
+class TrainSource:
+    """Per-sample callback of the training pipeline: sample n is slot n % B of iteration start_iter + n // B.
+
+    Stateless apart from a cache of the current epoch's shard, so DALI may run it in any worker in any order.
+    """
+
+    def __init__(self, dataset, sampler, start_iter):
+        self.dataset, self.sampler, self.start_iter = dataset, sampler, start_iter
+        self.batch_size = sampler.batch_size
+        self.rotate = dataset.rotate > 0
+        self._epoch, self._shard = None, None
+
+    def key(self, n):
+        it, slot = divmod(n, self.batch_size)
+        epoch, j = self.sampler.position(self.start_iter + it)
+        if epoch != self._epoch:
+            self._epoch, self._shard = epoch, self.sampler.shard(epoch)
+        return epoch * self.sampler.n + int(self._shard[j * self.batch_size + slot])
+
+    def __call__(self, info):
+        ds = self.dataset
+        key = self.key(info.idx_in_epoch)
+        i, image, (H, W), label = _read(ds, key % len(ds))
+        p = ds.params(key, (H, W))
+        h, w = T.scaled_size((H, W), p.scale)
+        ch, cw = ds.crop
+        wh, ww = min(ch, h - p.top), min(cw, w - p.left)  # the part of the crop window inside the image
+        sy, sx = H / h, W / w
+        outs = [image, T.crop_label(label, p, ds.crop)[..., None],
+                np.array([wh, ww], np.float32),
+                np.array([p.top * sy, p.left * sx], np.float32),                  # ROI in source pixels
+                np.array([(p.top + wh) * sy, (p.left + ww) * sx], np.float32),
+                np.array(p.flip, np.int32), np.array([i], np.int64)]
+        if self.rotate:
+            outs.append(T.rotation_matrix(p.angle, ds.crop).astype(np.float32))
+        # DALI takes no strided arrays (the flipped label); ascontiguousarray would make the 0-d flag 1-d
+        return tuple(a if a.ndim == 0 else np.ascontiguousarray(a) for a in outs)
+
+
+class EvalSource:
+    """Per-sample callback of the evaluation pipeline: this rank's indices in order, as an endless stream of
+    whole batches; the tail of the last batch repeats the last image and is cut off by DaliValLoader (a repeat
+    of a real image never enlarges the batch's padded size)."""
+
+    def __init__(self, dataset, indices, batch_size):
+        self.dataset, self.indices = dataset, list(indices)
+        self.padded = math.ceil(len(self.indices) / batch_size) * batch_size
+
+    def __call__(self, info):
+        k = min(info.idx_in_epoch % self.padded, len(self.indices) - 1)
+        i, image, _, label = _read(self.dataset, self.indices[k])
+        return np.ascontiguousarray(image), np.ascontiguousarray(label[..., None]), np.array([i], np.int64)
+
+
+def _pipeline(batch_size, workers, device_id):
+    return Pipeline(batch_size=batch_size, num_threads=max(workers, 1), device_id=device_id, seed=0,
+                    prefetch_queue_depth=PREFETCH, py_num_workers=max(workers, 1), py_start_method=_start_method())
+
+
+def _source(callback, encoded, extra, workers):
+    """The external source node(s): image (encoded bytes or pixels), label [H, W, 1], then `extra` (dtype, ndim)."""
+    dtypes = [types.UINT8, types.UINT8] + [d for d, _ in extra]
+    ndims = [1 if encoded else 3, 3] + [n for _, n in extra]
+    layouts = ["" if encoded else "HWC", "HWC"] + [""] * len(extra)
+    parallel = {"parallel": True, "prefetch_queue_depth": PREFETCH} if workers > 0 else {}
+    return fn.external_source(source=callback, num_outputs=len(dtypes), batch=False, dtype=dtypes, ndim=ndims,
+                              layout=layouts, **parallel)
+
+
+def _decode(image, encoded, gpu):
+    if encoded:  # EXIF orientation ignored and libjpeg-style chroma upsampling: the pixels PIL gives
+        return fn.decoders.image(image, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                 adjust_orientation=False, jpeg_fancy_upsampling=True)
+    return image.gpu() if gpu else image
+
+
+def train_pipeline(source, dataset, batch_size, workers, device_id):
+    """The training graph of the module docstring, fed by `source` (a TrainSource)."""
+    encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
+    rotate = dataset.rotate > 0
+    extra = [(types.FLOAT, 1)] * 3 + [(types.INT32, 0), (types.INT64, 1)] + ([(types.FLOAT, 2)] if rotate else [])
+    pipe = _pipeline(batch_size, workers, device_id)
+    with pipe:
+        image, label, window, roi_start, roi_end, flip, index, *mtx = _source(source, encoded, extra, workers)
+        image = _decode(image, encoded, gpu)
+        image = fn.resize(image, size=window, roi_start=roi_start, roi_end=roi_end,
+                          interp_type=types.INTERP_LINEAR, antialias=True)          # uint8 [wh, ww, 3]
+        image = fn.crop_mirror_normalize(image, crop=dataset.crop, crop_pos_x=0.0, crop_pos_y=0.0, mirror=flip,
+                                         mean=[255 * m for m in dataset.mean], std=[255 * s for s in dataset.std],
+                                         out_of_bounds_policy="pad", fill_values=0.0, dtype=types.FLOAT,
+                                         output_layout="HWC" if rotate else "CHW")   # [ch, cw, 3] | [3, ch, cw]
+        label = label.gpu() if gpu else label                                        # uint8 [ch, cw, 1]
+        if rotate:
+            image = fn.warp_affine(image, matrix=mtx[0], size=dataset.crop, fill_value=0.0,
+                                   interp_type=types.INTERP_LINEAR)
+            image = fn.transpose(image, perm=[2, 0, 1])                              # [3, ch, cw]
+            label = fn.warp_affine(label, matrix=mtx[0], size=dataset.crop, fill_value=float(T.IGNORE_INDEX),
+                                   interp_type=types.INTERP_NN)
+        pipe.set_outputs(image, label, index)
+    return pipe
+
+
+def eval_pipeline(source, dataset, batch_size, workers, device_id):
+    """Whole images, normalised, padded to the batch's largest (image 0, label 255)."""
+    encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
+    pipe = _pipeline(batch_size, workers, device_id)
+    with pipe:
+        image, label, index = _source(source, encoded, [(types.INT64, 1)], workers)
+        image = fn.crop_mirror_normalize(_decode(image, encoded, gpu), mean=[255 * m for m in dataset.mean],
+                                         std=[255 * s for s in dataset.std], dtype=types.FLOAT,
+                                         output_layout="CHW")                        # [3, H, W]
+        image = fn.pad(image, axes=(1, 2), fill_value=0.0)
+        label = fn.pad(label.gpu() if gpu else label, axes=(0, 1), fill_value=T.IGNORE_INDEX)
+        pipe.set_outputs(image, label, index)
+    return pipe
+
+
+def _batch(out):
+    """DALIGenericIterator's dict -> {"image": float32 [B, 3, H, W], "label": int64 [B, H, W], "index": int64 [B]}."""
+    return {"image": out["image"], "label": out["label"][..., 0].long(), "index": out["index"][:, 0].cpu()}
+
+
+class DaliTrainLoader:
+    """Infinite iterator of training batches from DALI; the same stream as loader.TrainLoader (see the module
+    docstring). `iters_per_epoch` and `sampler` as there; `skipped()` counts unreadable files skipped."""
+
+    def __init__(self, dataset, batch_size, *, workers=2, seed=0, rank=0, world_size=1, start_iter=0,
+                 device_id="auto"):
+        if not getattr(dataset, "train", False):
+            raise ValueError(f"DaliTrainLoader needs a dataset built with train=True, got {dataset!r}")
+        self.sampler = TrainBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                         start_iter=start_iter)
+        self.iters_per_epoch = self.sampler.iters_per_epoch
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.device_id = default_device_id() if device_id == "auto" else device_id
+        self.it = start_iter
+        self.pipe = self._iter = None
+        self._start()
+
+    def _start(self):
+        """(Re)build the pipeline so that its first batch is iteration self.it."""
+        self.close()
+        source = TrainSource(self.dataset, self.sampler, self.it)
+        self.pipe = train_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
+        self._iter = DALIGenericIterator(self.pipe, OUTPUTS)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            out = next(self._iter)[0]
+        except RuntimeError as error:  # a decoder failed somewhere in the batches in flight
+            self._recover(error)
+            return next(self)
+        self.it += 1
+        return _batch(out)
+
+    def _recover(self, error):
+        """Find the file DALI could not decode among the batches in flight: name it, or skip it and restart the
+        pipeline at the same iteration (exact, since the stream is a function of the iteration)."""
+        ds = self.dataset
+        if not isinstance(ds, FileSegmentation):
+            raise error
+        suspects = dict.fromkeys(key % len(ds) for it in range(self.it, self.it + PREFETCH + 2)
+                                 for key in self.sampler.batch(it))
+        bad = []
+        for i in suspects:
+            if i in ds.bad:
+                continue
+            try:
+                ds.read_image(i)
+            except BadSampleError as e:
+                bad.append((i, e))
+        if not bad:
+            files = ", ".join(str(ds.images[i]) for i in suspects)
+            raise RuntimeError(f"DALI failed at iteration {self.it} on one of {files}: {error}") from error
+        if not ds.skip_bad:
+            raise bad[0][1] from error
+        for i, e in bad:
+            ds.bad.add(i)
+            ds.skip_log.record(e)
+        self._start()
+
+    def skipped(self):
+        log = getattr(self.dataset, "skip_log", None)
+        return log.count() if log else 0
+
+    def close(self):
+        """Stop the pipeline and its Python workers."""
+        self._iter = self.pipe = None  # DALI shuts its worker processes down when the pipeline is released
+
+    def __del__(self):
+        self.close()
+
+
+class DaliValLoader:
+    """This rank's indices rank::world_size, in order, in batches of `batch_size` (the last one shorter), as
+    build_val_loader's DataLoader gives them. Iterable any number of times; the pipeline is built on first
+    use and kept (it prefetches the next evaluation's first batches)."""
+
+    def __init__(self, dataset, batch_size, *, workers=2, rank=0, world_size=1, device_id="auto"):
+        base, positions = dataset, range(len(dataset))
+        if isinstance(dataset, torch.utils.data.Subset):
+            base, positions = dataset.dataset, dataset.indices
+        self.dataset, self.batch_size, self.workers = base, batch_size, workers
+        self.indices = [int(positions[p]) for p in ShardSampler(len(dataset), rank, world_size)]
+        self.device_id = default_device_id() if device_id == "auto" else device_id
+        self.pipe = self._iter = None
+        self._pulled = 0  # batches taken from the pipeline's endless stream
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        if not self.indices:
+            return
+        if self._iter is None:
+            source = EvalSource(self.dataset, self.indices, self.batch_size)
+            self.pipe = eval_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
+            self._iter = DALIGenericIterator(self.pipe, OUTPUTS)
+        for _ in range(-self._pulled % len(self)):  # an earlier loop stopped early: realign on a split's start
+            self._next()
+        for b in range(len(self)):
+            batch = _batch(self._next())
+            keep = min(self.batch_size, len(self.indices) - b * self.batch_size)
+            # the repeated tail has the size of the last real image, so cutting it leaves the padding of the
+            # real images alone
+            yield batch if keep == self.batch_size else {k: v[:keep] for k, v in batch.items()}
+
+    def _next(self):
+        self._pulled += 1
+        return next(self._iter)[0]
+
+    def close(self):
+        self._iter = self.pipe = None
+
+    def __del__(self):
+        self.close()
