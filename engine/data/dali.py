@@ -80,6 +80,10 @@ class TrainSource:
         self.rotate = dataset.rotate > 0
         self._epoch, self._shard = None, None
 
+    def requested(self, n):
+        """The index sample n asks for (before any bad-file substitution)."""
+        return self.key(n) % len(self.dataset)
+
     def key(self, n):
         it, slot = divmod(n, self.batch_size)
         epoch, j = self.sampler.position(self.start_iter + it)
@@ -96,11 +100,11 @@ class TrainSource:
         ch, cw = ds.crop
         wh, ww = min(ch, h - p.top), min(cw, w - p.left)  # the part of the crop window inside the image
         sy, sx = H / h, W / w
-        outs = [image, T.crop_label(label, p, ds.crop)[..., None],
+        outs = [image, T.crop_label(label, p, ds.crop)[..., None], np.array([i], np.int64),
                 np.array([wh, ww], np.float32),
                 np.array([p.top * sy, p.left * sx], np.float32),                  # ROI in source pixels
                 np.array([(p.top + wh) * sy, (p.left + ww) * sx], np.float32),
-                np.array(p.flip, np.int32), np.array([i], np.int64)]
+                np.array(p.flip, np.int32)]
         if self.rotate:
             outs.append(T.rotation_matrix(p.angle, ds.crop).astype(np.float32))
         # DALI takes no strided arrays (the flipped label); ascontiguousarray would make the 0-d flag 1-d
@@ -112,14 +116,47 @@ class EvalSource:
     whole batches; the tail of the last batch repeats the last image and is cut off by DaliValLoader (a repeat
     of a real image never enlarges the batch's padded size)."""
 
-    def __init__(self, dataset, indices, batch_size):
+    def __init__(self, dataset, indices, batch_size, start_batch=0):
         self.dataset, self.indices = dataset, list(indices)
         self.padded = math.ceil(len(self.indices) / batch_size) * batch_size
+        self.start = start_batch * batch_size
+
+    def requested(self, n):
+        return self.indices[min((self.start + n) % self.padded, len(self.indices) - 1)]
 
     def __call__(self, info):
-        k = min(info.idx_in_epoch % self.padded, len(self.indices) - 1)
-        i, image, _, label = _read(self.dataset, self.indices[k])
+        i, image, _, label = _read(self.dataset, self.requested(info.idx_in_epoch))
         return np.ascontiguousarray(image), np.ascontiguousarray(label[..., None]), np.array([i], np.int64)
+
+
+def diagnose(source, batch_size, dataset, error):
+    """After a pipeline failure: replay the samples in flight in this process and re-raise the source's own
+    error (DALI's Python workers flatten it into a bare Exception), else find the images DALI could not decode
+    (PIL cannot either). Raises the first BadSampleError unless the dataset skips bad files, in which case the
+    new ones are recorded and the caller restarts the pipeline, whose workers then skip them too (they may have
+    started before this process learnt of a bad file). Raises a RuntimeError naming the suspects if PIL reads
+    them all."""
+    suspects = {}
+    for n in range((2 * PREFETCH + 2) * batch_size):  # the source's queue and the pipeline's
+        suspects[source.requested(n)] = None
+        suspects[int(source(types.SampleInfo(n, n % batch_size, n // batch_size, 0))[2][0])] = None
+    if not isinstance(dataset, FileSegmentation):
+        raise error
+    known, bad = [i for i in suspects if i in dataset.bad], []
+    for i in suspects:
+        if i not in dataset.bad:
+            try:
+                dataset.read_image(i)
+            except BadSampleError as e:
+                bad.append((i, e))
+    if not bad and not known:
+        files = ", ".join(str(dataset.images[i]) for i in suspects)
+        raise RuntimeError(f"DALI pipeline failed on one of {files}: {error}") from error
+    if bad and not dataset.skip_bad:
+        raise bad[0][1] from error
+    for i, e in bad:
+        dataset.bad.add(i)
+        dataset.skip_log.record(e)
 
 
 def _pipeline(batch_size, workers, device_id):
@@ -128,10 +165,11 @@ def _pipeline(batch_size, workers, device_id):
 
 
 def _source(callback, encoded, extra, workers):
-    """The external source node(s): image (encoded bytes or pixels), label [H, W, 1], then `extra` (dtype, ndim)."""
-    dtypes = [types.UINT8, types.UINT8] + [d for d, _ in extra]
-    ndims = [1 if encoded else 3, 3] + [n for _, n in extra]
-    layouts = ["" if encoded else "HWC", "HWC"] + [""] * len(extra)
+    """The external source nodes: image (encoded bytes or pixels), label [H, W, 1], index [1], then `extra`
+    ((dtype, ndim) each)."""
+    dtypes = [types.UINT8, types.UINT8, types.INT64] + [d for d, _ in extra]
+    ndims = [1 if encoded else 3, 3, 1] + [n for _, n in extra]
+    layouts = ["" if encoded else "HWC", "HWC", ""] + [""] * len(extra)
     parallel = {"parallel": True, "prefetch_queue_depth": PREFETCH} if workers > 0 else {}
     return fn.external_source(source=callback, num_outputs=len(dtypes), batch=False, dtype=dtypes, ndim=ndims,
                               layout=layouts, **parallel)
@@ -148,10 +186,10 @@ def train_pipeline(source, dataset, batch_size, workers, device_id):
     """The training graph of the module docstring, fed by `source` (a TrainSource)."""
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     rotate = dataset.rotate > 0
-    extra = [(types.FLOAT, 1)] * 3 + [(types.INT32, 0), (types.INT64, 1)] + ([(types.FLOAT, 2)] if rotate else [])
+    extra = [(types.FLOAT, 1)] * 3 + [(types.INT32, 0)] + ([(types.FLOAT, 2)] if rotate else [])
     pipe = _pipeline(batch_size, workers, device_id)
     with pipe:
-        image, label, window, roi_start, roi_end, flip, index, *mtx = _source(source, encoded, extra, workers)
+        image, label, index, window, roi_start, roi_end, flip, *mtx = _source(source, encoded, extra, workers)
         image = _decode(image, encoded, gpu)
         image = fn.resize(image, size=window, roi_start=roi_start, roi_end=roi_end,
                           interp_type=types.INTERP_LINEAR, antialias=True)          # uint8 [wh, ww, 3]
@@ -175,7 +213,7 @@ def eval_pipeline(source, dataset, batch_size, workers, device_id):
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     pipe = _pipeline(batch_size, workers, device_id)
     with pipe:
-        image, label, index = _source(source, encoded, [(types.INT64, 1)], workers)
+        image, label, index = _source(source, encoded, [], workers)
         image = fn.crop_mirror_normalize(_decode(image, encoded, gpu), mean=[255 * m for m in dataset.mean],
                                          std=[255 * s for s in dataset.std], dtype=types.FLOAT,
                                          output_layout="CHW")                        # [3, H, W]
@@ -212,7 +250,7 @@ class DaliTrainLoader:
         self.close()
         source = TrainSource(self.dataset, self.sampler, self.it)
         self.pipe = train_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
-        self._iter = DALIGenericIterator(self.pipe, OUTPUTS)
+        self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
 
     def __iter__(self):
         return self
@@ -220,37 +258,14 @@ class DaliTrainLoader:
     def __next__(self):
         try:
             out = next(self._iter)[0]
-        except RuntimeError as error:  # a decoder failed somewhere in the batches in flight
-            self._recover(error)
+        except StopIteration:
+            raise
+        except Exception as error:  # a decoder or the Python source failed somewhere in the batches in flight
+            diagnose(TrainSource(self.dataset, self.sampler, self.it), self.batch_size, self.dataset, error)
+            self._start()  # bad files skipped: the stream is a function of the iteration, restart exactly here
             return next(self)
         self.it += 1
         return _batch(out)
-
-    def _recover(self, error):
-        """Find the file DALI could not decode among the batches in flight: name it, or skip it and restart the
-        pipeline at the same iteration (exact, since the stream is a function of the iteration)."""
-        ds = self.dataset
-        if not isinstance(ds, FileSegmentation):
-            raise error
-        suspects = dict.fromkeys(key % len(ds) for it in range(self.it, self.it + PREFETCH + 2)
-                                 for key in self.sampler.batch(it))
-        bad = []
-        for i in suspects:
-            if i in ds.bad:
-                continue
-            try:
-                ds.read_image(i)
-            except BadSampleError as e:
-                bad.append((i, e))
-        if not bad:
-            files = ", ".join(str(ds.images[i]) for i in suspects)
-            raise RuntimeError(f"DALI failed at iteration {self.it} on one of {files}: {error}") from error
-        if not ds.skip_bad:
-            raise bad[0][1] from error
-        for i, e in bad:
-            ds.bad.add(i)
-            ds.skip_log.record(e)
-        self._start()
 
     def skipped(self):
         log = getattr(self.dataset, "skip_log", None)
@@ -286,9 +301,7 @@ class DaliValLoader:
         if not self.indices:
             return
         if self._iter is None:
-            source = EvalSource(self.dataset, self.indices, self.batch_size)
-            self.pipe = eval_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
-            self._iter = DALIGenericIterator(self.pipe, OUTPUTS)
+            self._start()
         for _ in range(-self._pulled % len(self)):  # an earlier loop stopped early: realign on a split's start
             self._next()
         for b in range(len(self)):
@@ -298,9 +311,25 @@ class DaliValLoader:
             # real images alone
             yield batch if keep == self.batch_size else {k: v[:keep] for k, v in batch.items()}
 
+    def _start(self):
+        """(Re)build the pipeline so that its first batch is batch self._pulled of the endless stream."""
+        self._iter = self.pipe = None
+        source = EvalSource(self.dataset, self.indices, self.batch_size, self._pulled)
+        self.pipe = eval_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
+        self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
+
     def _next(self):
+        try:
+            out = next(self._iter)[0]
+        except StopIteration:
+            raise
+        except Exception as error:  # see DaliTrainLoader.__next__
+            source = EvalSource(self.dataset, self.indices, self.batch_size, self._pulled)
+            diagnose(source, self.batch_size, self.dataset, error)
+            self._start()
+            return self._next()
         self._pulled += 1
-        return next(self._iter)[0]
+        return out
 
     def close(self):
         self._iter = self.pipe = None
