@@ -4,10 +4,11 @@ Why an external source and not DALI's file readers: the batches must be those of
 sample. TrainBatchSampler (engine/data/loader.py) maps run iteration `it` straight to this rank's keys, and
 `sample_params` draws each key's AugParams from (seed, key); DALI's readers shuffle with their own RNG, shard
 with their own padding rules and can only resume by replaying. So one per-sample callback (`TrainSource`, run
-in DALI's Python worker processes) turns sample n of the pipeline's stream into (iteration start_iter + n // B,
-slot n % B), reads that key's file and its AugParams, and hands DALI the encoded image plus the explicit
-parameters of every operator. Ranks are disjoint, resume is exact from any iteration, and the two loaders
-agree because they share the key stream, the augmentation RNG and the semantics of engine/data/transforms.py.
+ahead of the pipeline by a pool of threads, see `Prefetcher`) turns sample n of the pipeline's stream into
+(iteration start_iter + n // B, slot n % B), reads that key's file and its AugParams, and hands DALI the encoded
+image plus the explicit parameters of every operator. Ranks are disjoint, resume is exact from any iteration,
+and the two loaders agree because they share the key stream, the augmentation RNG and the semantics of
+engine/data/transforms.py.
 
 Training graph, per sample (image H x W, rescaled size (h, w) = scaled_size, crop ch x cw):
 
@@ -32,8 +33,13 @@ Evaluation graph: decode -> normalise -> CHW; label as read; both padded to the 
 
 Devices: with CUDA, decoding runs on the GPU (`mixed`) and every operator after it on the GPU, the batch
 arriving as CUDA tensors; without CUDA (`device_id=None`) everything runs on DALI's CPU operators.
+
+Bad files: the source checks each image's header and end marker before DALI sees it (engine/data/files.py);
+damage only a decoder notices stops the pipeline, and `diagnose` then finds the file with PIL, names it, or
+(skipping) records it and restarts the pipeline at the same iteration.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -45,17 +51,13 @@ from engine.data.files import BadSampleError, FileSegmentation
 from engine.data.loader import ShardSampler, TrainBatchSampler
 
 OUTPUTS = ["image", "label", "index"]
-PREFETCH = 2  # batches DALI prepares ahead (also of the Python source)
+PREFETCH = 2   # batches DALI's pipeline prepares ahead
+LOOKAHEAD = 3  # batches the Python source prepares ahead of DALI's requests
 
 
 def default_device_id():
     """This process's CUDA device (DDP has set it by the time loaders are built), or None for DALI's CPU mode."""
     return torch.cuda.current_device() if torch.cuda.is_available() else None
-
-
-def _start_method():
-    # fork is cheaper, but a process that has initialised CUDA must not fork workers that could touch it
-    return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
 
 
 def _read(dataset, i):
@@ -71,14 +73,14 @@ def _read(dataset, i):
 class TrainSource:
     """Per-sample callback of the training pipeline: sample n is slot n % B of iteration start_iter + n // B.
 
-    Stateless apart from a cache of the current epoch's shard, so DALI may run it in any worker in any order.
+    Stateless apart from a cache of the current epoch's shard, so threads may run it in any order.
     """
 
     def __init__(self, dataset, sampler, start_iter):
         self.dataset, self.sampler, self.start_iter = dataset, sampler, start_iter
         self.batch_size = sampler.batch_size
         self.rotate = dataset.rotate > 0
-        self._epoch, self._shard = None, None
+        self._cache = (None, None)  # (epoch, its shard)
 
     def requested(self, n):
         """The index sample n asks for (before any bad-file substitution)."""
@@ -87,13 +89,15 @@ class TrainSource:
     def key(self, n):
         it, slot = divmod(n, self.batch_size)
         epoch, j = self.sampler.position(self.start_iter + it)
-        if epoch != self._epoch:
-            self._epoch, self._shard = epoch, self.sampler.shard(epoch)
-        return epoch * self.sampler.n + int(self._shard[j * self.batch_size + slot])
+        cached_epoch, shard = self._cache  # one tuple: threads read and replace it whole
+        if epoch != cached_epoch:
+            shard = self.sampler.shard(epoch)
+            self._cache = (epoch, shard)
+        return epoch * self.sampler.n + int(shard[j * self.batch_size + slot])
 
-    def __call__(self, info):
+    def __call__(self, n):
         ds = self.dataset
-        key = self.key(info.idx_in_epoch)
+        key = self.key(n)
         i, image, (H, W), label = _read(ds, key % len(ds))
         p = ds.params(key, (H, W))
         h, w = T.scaled_size((H, W), p.scale)
@@ -124,22 +128,21 @@ class EvalSource:
     def requested(self, n):
         return self.indices[min((self.start + n) % self.padded, len(self.indices) - 1)]
 
-    def __call__(self, info):
-        i, image, _, label = _read(self.dataset, self.requested(info.idx_in_epoch))
+    def __call__(self, n):
+        i, image, _, label = _read(self.dataset, self.requested(n))
         return np.ascontiguousarray(image), np.ascontiguousarray(label[..., None]), np.array([i], np.int64)
 
 
 def diagnose(source, batch_size, dataset, error):
     """After a pipeline failure: replay the samples in flight in this process and re-raise the source's own
-    error (DALI's Python workers flatten it into a bare Exception), else find the images DALI could not decode
-    (PIL cannot either). Raises the first BadSampleError unless the dataset skips bad files, in which case the
-    new ones are recorded and the caller restarts the pipeline, whose workers then skip them too (they may have
-    started before this process learnt of a bad file). Raises a RuntimeError naming the suspects if PIL reads
+    error, else find the images DALI could not decode (PIL cannot either). Raises the first BadSampleError unless the dataset skips bad files, in which case the
+    new ones are recorded and the caller restarts the pipeline, whose source then skips them too (it may have
+    read ahead before this process learnt of a bad file). Raises a RuntimeError naming the suspects if PIL reads
     them all."""
     suspects = {}
-    for n in range((2 * PREFETCH + 2) * batch_size):  # the source's queue and the pipeline's
+    for n in range((PREFETCH + 2) * batch_size):  # the pipeline's queue and the batch being run
         suspects[source.requested(n)] = None
-        suspects[int(source(types.SampleInfo(n, n % batch_size, n // batch_size, 0))[2][0])] = None
+        suspects[int(source(n)[2][0])] = None
     if not isinstance(dataset, FileSegmentation):
         raise error
     known, bad = [i for i in suspects if i in dataset.bad], []
@@ -159,20 +162,53 @@ def diagnose(source, batch_size, dataset, error):
         dataset.skip_log.record(e)
 
 
+class Prefetcher:
+    """The batch callback of DALI's external source: batch b is samples b*B .. b*B + B - 1 of a per-sample
+    source, computed by `workers` threads up to LOOKAHEAD batches ahead (none: in the caller's thread).
+
+    Threads, not DALI's Python worker processes: forking workers while DALI pipelines (or CUDA) already run
+    threads in this process can deadlock them, and spawning re-imports torch per worker. The work here is file
+    reading, PIL label decoding and numpy gathers, which mostly release the GIL; the sources are pure functions
+    of the sample position, so reading ahead is always safe.
+    """
+
+    def __init__(self, source, batch_size, workers):
+        self.source, self.batch_size = source, batch_size
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="segkd-data") if workers > 0 else None
+        self.pending = {}
+
+    def _submit(self, b):
+        if b not in self.pending:
+            self.pending[b] = [self.pool.submit(self.source, n)
+                               for n in range(b * self.batch_size, (b + 1) * self.batch_size)]
+
+    def __call__(self, b):
+        if self.pool is None:
+            samples = [self.source(n) for n in range(b * self.batch_size, (b + 1) * self.batch_size)]
+        else:
+            for ahead in range(b, b + LOOKAHEAD + 1):
+                self._submit(ahead)
+            samples = [f.result() for f in self.pending.pop(b)]
+        return tuple(list(column) for column in zip(*samples))  # one list of B arrays per output
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _pipeline(batch_size, workers, device_id):
     return Pipeline(batch_size=batch_size, num_threads=max(workers, 1), device_id=device_id, seed=0,
-                    prefetch_queue_depth=PREFETCH, py_num_workers=max(workers, 1), py_start_method=_start_method())
+                    prefetch_queue_depth=PREFETCH)
 
 
-def _source(callback, encoded, extra, workers):
+def _source(callback, encoded, extra):
     """The external source nodes: image (encoded bytes or pixels), label [H, W, 1], index [1], then `extra`
-    ((dtype, ndim) each)."""
+    ((dtype, ndim) each), fed a batch at a time by `callback` (a Prefetcher)."""
     dtypes = [types.UINT8, types.UINT8, types.INT64] + [d for d, _ in extra]
     ndims = [1 if encoded else 3, 3, 1] + [n for _, n in extra]
     layouts = ["" if encoded else "HWC", "HWC", ""] + [""] * len(extra)
-    parallel = {"parallel": True, "prefetch_queue_depth": PREFETCH} if workers > 0 else {}
-    return fn.external_source(source=callback, num_outputs=len(dtypes), batch=False, dtype=dtypes, ndim=ndims,
-                              layout=layouts, **parallel)
+    return fn.external_source(source=callback, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims,
+                              layout=layouts)
 
 
 def _decode(image, encoded, gpu):
@@ -182,14 +218,14 @@ def _decode(image, encoded, gpu):
     return image.gpu() if gpu else image
 
 
-def train_pipeline(source, dataset, batch_size, workers, device_id):
-    """The training graph of the module docstring, fed by `source` (a TrainSource)."""
+def train_pipeline(feed, dataset, batch_size, workers, device_id):
+    """The training graph of the module docstring, fed by `feed` (a Prefetcher of a TrainSource)."""
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     rotate = dataset.rotate > 0
     extra = [(types.FLOAT, 1)] * 3 + [(types.INT32, 0)] + ([(types.FLOAT, 2)] if rotate else [])
     pipe = _pipeline(batch_size, workers, device_id)
     with pipe:
-        image, label, index, window, roi_start, roi_end, flip, *mtx = _source(source, encoded, extra, workers)
+        image, label, index, window, roi_start, roi_end, flip, *mtx = _source(feed, encoded, extra)
         image = _decode(image, encoded, gpu)
         image = fn.resize(image, size=window, roi_start=roi_start, roi_end=roi_end,
                           interp_type=types.INTERP_LINEAR, antialias=True)          # uint8 [wh, ww, 3]
@@ -208,12 +244,13 @@ def train_pipeline(source, dataset, batch_size, workers, device_id):
     return pipe
 
 
-def eval_pipeline(source, dataset, batch_size, workers, device_id):
-    """Whole images, normalised, padded to the batch's largest (image 0, label 255)."""
+def eval_pipeline(feed, dataset, batch_size, workers, device_id):
+    """Whole images, normalised, padded to the batch's largest (image 0, label 255); fed by a Prefetcher of an
+    EvalSource."""
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     pipe = _pipeline(batch_size, workers, device_id)
     with pipe:
-        image, label, index = _source(source, encoded, [], workers)
+        image, label, index = _source(feed, encoded, [])
         image = fn.crop_mirror_normalize(_decode(image, encoded, gpu), mean=[255 * m for m in dataset.mean],
                                          std=[255 * s for s in dataset.std], dtype=types.FLOAT,
                                          output_layout="CHW")                        # [3, H, W]
@@ -242,14 +279,14 @@ class DaliTrainLoader:
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.device_id = default_device_id() if device_id == "auto" else device_id
         self.it = start_iter
-        self.pipe = self._iter = None
+        self.pipe = self._iter = self.feed = None
         self._start()
 
     def _start(self):
         """(Re)build the pipeline so that its first batch is iteration self.it."""
         self.close()
-        source = TrainSource(self.dataset, self.sampler, self.it)
-        self.pipe = train_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
+        self.feed = Prefetcher(TrainSource(self.dataset, self.sampler, self.it), self.batch_size, self.workers)
+        self.pipe = train_pipeline(self.feed, self.dataset, self.batch_size, self.workers, self.device_id)
         self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
 
     def __iter__(self):
@@ -272,8 +309,10 @@ class DaliTrainLoader:
         return log.count() if log else 0
 
     def close(self):
-        """Stop the pipeline and its Python workers."""
-        self._iter = self.pipe = None  # DALI shuts its worker processes down when the pipeline is released
+        """Stop the pipeline and the source's threads."""
+        if self.feed is not None:
+            self.feed.close()
+        self._iter = self.pipe = self.feed = None
 
     def __del__(self):
         self.close()
@@ -291,7 +330,7 @@ class DaliValLoader:
         self.dataset, self.batch_size, self.workers = base, batch_size, workers
         self.indices = [int(positions[p]) for p in ShardSampler(len(dataset), rank, world_size)]
         self.device_id = default_device_id() if device_id == "auto" else device_id
-        self.pipe = self._iter = None
+        self.pipe = self._iter = self.feed = None
         self._pulled = 0  # batches taken from the pipeline's endless stream
 
     def __len__(self):
@@ -313,9 +352,10 @@ class DaliValLoader:
 
     def _start(self):
         """(Re)build the pipeline so that its first batch is batch self._pulled of the endless stream."""
-        self._iter = self.pipe = None
-        source = EvalSource(self.dataset, self.indices, self.batch_size, self._pulled)
-        self.pipe = eval_pipeline(source, self.dataset, self.batch_size, self.workers, self.device_id)
+        self.close()
+        self.feed = Prefetcher(EvalSource(self.dataset, self.indices, self.batch_size, self._pulled),
+                               self.batch_size, self.workers)
+        self.pipe = eval_pipeline(self.feed, self.dataset, self.batch_size, self.workers, self.device_id)
         self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
 
     def _next(self):
@@ -332,7 +372,9 @@ class DaliValLoader:
         return out
 
     def close(self):
-        self._iter = self.pipe = None
+        if self.feed is not None:
+            self.feed.close()
+        self._iter = self.pipe = self.feed = None
 
     def __del__(self):
         self.close()
