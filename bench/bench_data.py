@@ -7,7 +7,7 @@ step spent waiting for data.
 
 1. Throughput: each loader (`torch`: DataLoader worker processes; `dali`: DALI pipeline, `--workers` = its CPU
    threads and the threads of its Python source) streams training batches with the full augmentation (scale
-   0.5-2, crop, flip, rotation with --rotate); images/s over --iters batches after --warmup, for each worker
+   0.5-2, crop, flip, rotation up to each --rotate value); images/s over --iters batches after --warmup, per worker
    count. A batch counts once it is on the training device (host-to-device copy included).
 2. Data wait: a real distillation step (frozen teacher forward, student forward/backward, method loss, SGD) of
    --teacher -> --student with --method, fed by each loader with the largest worker count. Per step, the time
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", default=None, help="worker counts to try, e.g. 1,2,4 (default 1..cores, "
                    "doubling; 1 with --small)")
     p.add_argument("--loaders", default=None, help="subset of dali,torch (default: both, dali when importable)")
-    p.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees")
+    p.add_argument("--rotate", default="0,10", help="largest random rotation(s) in degrees to try, e.g. 0,10 (the "
+                   "step measurement uses the last)")
     p.add_argument("--warmup", type=int, default=None, help="batches before timing (default 5; 1 with --small)")
     p.add_argument("--iters", type=int, default=None, help="timed batches (default 30; 3 with --small)")
     p.add_argument("--teacher", default=None, help="default pspnet_r101 on a GPU, pspnet_small on the CPU")
@@ -83,6 +84,7 @@ def parse_args(argv=None):
             n *= 2
         a.workers = "1" if small else ",".join(map(str, counts + [os.cpu_count() or 1]))
     a.workers = [int(w) for w in str(a.workers).split(",")]
+    a.rotate = [float(r) for r in str(a.rotate).split(",")]
     if min(a.workers) < 1:
         p.error("--workers: counts must be >= 1")
     a.loaders = (a.loaders or ("dali,torch" if dali_importable() else "torch")).split(",")
@@ -206,10 +208,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads or not CUDA:
         torch.set_num_threads(args.threads or 1)
-    ds = build_dataset(args.dataset, "train", root=args.data_root, train=True, crop=args.crop, rotate=args.rotate)
+    sets = {r: build_dataset(args.dataset, "train", root=args.data_root, train=True, crop=args.crop, rotate=r)
+            for r in args.rotate}
+    ds = sets[args.rotate[-1]]
     device = device_name()
     meta = {"device": device, "dataset": f"{args.dataset} ({len(ds)} train images)", "crop": list(args.crop),
-            "batch size": args.batch_size, "augmentation": f"scale 0.5-2, crop, flip, rotate +-{args.rotate:g}",
+            "batch size": args.batch_size, "augmentation": "scale 0.5-2, crop, flip, rotation +-R degrees",
             "torch": torch.__version__, "torch threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "timing": f"{args.warmup} warm-up + {args.iters} timed batches; step: 2 warm-up + {args.steps} timed"}
     if "dali" in args.loaders:
@@ -217,18 +221,20 @@ def main(argv=None):
         meta["dali"] = nvidia.dali.__version__
         meta["dali path"] = "GPU (mixed decode, GPU operators)" if CUDA else "CPU (device_id=None, CPU operators)"
     rows = []
-    for kind in args.loaders:
-        for workers in args.workers:
-            ips = throughput(ds, args, kind, workers)
-            rows.append({"loader": kind, "workers": workers, "images_per_s": ips})
-            print(f"{kind:5s} workers={workers:2d}  {ips:8.1f} images/s", flush=True)
+    for rotate, data in sets.items():
+        for kind in args.loaders:
+            for workers in args.workers:
+                ips = throughput(data, args, kind, workers)
+                rows.append({"loader": kind, "workers": workers, "rotate": rotate, "images_per_s": ips})
+                print(f"{kind:5s} workers={workers:2d} rotate={rotate:g}  {ips:8.1f} images/s", flush=True)
     steps = []
     if args.steps:
         step = build_step(args, ds.num_classes, ds.ignore_index)
         ref = compute_only(ds, args, step)
         for kind in args.loaders:
             total, wait, comp = data_wait(ds, args, kind, max(args.workers), step)
-            steps.append({"loader": kind, "workers": max(args.workers), "teacher": args.teacher,
+            steps.append({"loader": kind, "workers": max(args.workers), "rotate": args.rotate[-1],
+                          "teacher": args.teacher,
                           "student": args.student, "method": args.method, "step_ms": total, "wait_ms": wait,
                           "compute_ms": comp, "wait_frac": wait / total, "compute_only_ms": ref})
             print(f"{kind:5s} step {total:8.1f} ms, waiting {wait:7.1f} ms ({100 * wait / total:.1f}%), "
@@ -244,12 +250,13 @@ def write(args, meta, rows, steps, device):
     lines = [f"# Data loading benchmark on {device}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "## Throughput (training batches on the device)", "",
-              "| loader | workers | images/s |", "|---|---:|---:|"]
-    lines += [f"| {r['loader']} | {r['workers']} | {r['images_per_s']:.1f} |" for r in rows]
+              "| loader | workers | rotation R | images/s |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['loader']} | {r['workers']} | {r['rotate']:g} | {r['images_per_s']:.1f} |" for r in rows]
     if steps:
         s0 = steps[0]
         lines += ["", f"## Data wait in a training step ({s0['teacher']} -> {s0['student']}, --method "
-                      f"{s0['method']}, batch {args.batch_size}, crop {args.crop[0]}x{args.crop[1]})", "",
+                      f"{s0['method']}, batch {args.batch_size}, crop {args.crop[0]}x{args.crop[1]}, rotation R "
+                      f"{s0['rotate']:g})", "",
                   "| loader | workers | step ms | waiting for data ms | wait % | compute ms | compute-only ms |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {s['loader']} | {s['workers']} | {s['step_ms']:.1f} | {s['wait_ms']:.1f} | "

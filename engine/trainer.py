@@ -142,7 +142,7 @@ class Trainer:
         self.method_optimizers = self.distiller.method.optimizers()
 
         self.val_loader = build_val_loader(val_items, d.batch_size, workers=d.workers, rank=env.rank,
-                                           world_size=env.world_size, loader=d.loader)
+                                           world_size=env.world_size, loader=d.loader, device=env.device)
         self.start_iter, self.rng_to_restore = 0, None
         self._resume()
         torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank, reproducibly
@@ -238,7 +238,7 @@ class Trainer:
         if it < iters:
             loader = build_train_loader(self.train_set, cfg.data.batch_size, workers=cfg.data.workers,
                                         seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, start_iter=it,
-                                        loader=cfg.data.loader)
+                                        loader=cfg.data.loader, device=env.device)
             batches = iter(loader)  # created before the RNG restore: a DataLoader iterator draws a seed from it
             if self.rng_to_restore is not None:
                 set_rng_state(self.rng_to_restore)

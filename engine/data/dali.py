@@ -48,16 +48,11 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from engine.data import transforms as T
 from engine.data.files import BadSampleError, FileSegmentation
-from engine.data.loader import ShardSampler, TrainBatchSampler
+from engine.data.loader import ShardSampler, TrainBatchSampler, dali_device_id
 
 OUTPUTS = ["image", "label", "index"]
 PREFETCH = 2   # batches DALI's pipeline prepares ahead
 LOOKAHEAD = 3  # batches the Python source prepares ahead of DALI's requests
-
-
-def default_device_id():
-    """This process's CUDA device (DDP has set it by the time loaders are built), or None for DALI's CPU mode."""
-    return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
 def _read(dataset, i):
@@ -277,7 +272,7 @@ class DaliTrainLoader:
                                          start_iter=start_iter)
         self.iters_per_epoch = self.sampler.iters_per_epoch
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
-        self.device_id = default_device_id() if device_id == "auto" else device_id
+        self.device_id = dali_device_id(None) if device_id == "auto" else device_id
         self.it = start_iter
         self.pipe = self._iter = self.feed = None
         self._start()
@@ -329,7 +324,7 @@ class DaliValLoader:
             base, positions = dataset.dataset, dataset.indices
         self.dataset, self.batch_size, self.workers = base, batch_size, workers
         self.indices = [int(positions[p]) for p in ShardSampler(len(dataset), rank, world_size)]
-        self.device_id = default_device_id() if device_id == "auto" else device_id
+        self.device_id = dali_device_id(None) if device_id == "auto" else device_id
         self.pipe = self._iter = self.feed = None
         self._pulled = 0  # batches taken from the pipeline's endless stream
 

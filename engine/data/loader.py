@@ -114,33 +114,45 @@ def dali_importable():
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
+def dali_device_id(device):
+    """DALI's device_id for batches meant for torch `device`: the CUDA device's index, None (CPU operators)
+    for the CPU; device None: the current CUDA device if there is one."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def resolve_loader(kind):
-    """"dali" or "torch" for `--loader kind`; auto: DALI when it is importable and a GPU is there to decode on,
-    the torch DataLoader otherwise (on CPU the two run at a similar rate, see bench/results/data_*)."""
+    """"dali" or "torch" for `--loader kind`; auto: DALI whenever it is importable (with CUDA it decodes and
+    augments on the GPU; on the CPU its operators still beat the DataLoader, see bench/results/data_*)."""
     if kind not in LOADERS:
         raise ValueError(f"unknown --loader {kind!r}; valid: {', '.join(LOADERS)}")
     if kind == "dali" and not dali_importable():
         raise ValueError("--loader dali: nvidia.dali is not importable; pip install nvidia-dali-cuda130 "
                          "(or use --loader torch)")
     if kind == "auto":
-        return "dali" if dali_importable() and torch.cuda.is_available() else "torch"
+        return "dali" if dali_importable() else "torch"
     return kind
 
 
 def build_train_loader(dataset, batch_size, *, workers=2, seed=0, rank=0, world_size=1, start_iter=0,
-                       loader="torch"):
+                       loader="torch", device=None):
     """Infinite, rank-sharded, resumable stream of training batches (see the module docstring).
 
     `dataset` must be in train mode (it maps key -> image key % N and augments from (its seed, key)).
     `seed` decides the data order only; the augmentation seed is the dataset's. `loader` picks the
     implementation (see resolve_loader); both give the same batches up to image resampling round-off.
+    `device` (the training device; None: CUDA if available) is where DALI works and delivers the batches.
     """
     if not getattr(dataset, "train", False):
         raise ValueError(f"build_train_loader needs a dataset built with train=True, got {dataset!r}")
     if resolve_loader(loader) == "dali":
         from engine.data.dali import DaliTrainLoader
         return DaliTrainLoader(dataset, batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
-                               start_iter=start_iter)
+                               start_iter=start_iter, device_id=dali_device_id(device))
     sampler = TrainBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
                                 start_iter=start_iter)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
@@ -165,20 +177,21 @@ def pad_collate(samples):
     return {"image": image, "label": label, "index": torch.as_tensor([s["index"] for s in samples])}
 
 
-def build_val_loader(dataset, batch_size, *, workers=2, rank=0, world_size=1, loader="torch"):
+def build_val_loader(dataset, batch_size, *, workers=2, rank=0, world_size=1, loader="torch", device=None):
     """Each rank evaluates indices rank::world_size once, in order; all ranks together see every image once.
 
     Ranks may get one image fewer than others (no padding), so a per-rank confusion matrix all-reduced after
     the loop is exact; do not run collectives per batch, the batch counts can differ by one. Images of
     different sizes in one batch are padded (see pad_collate): exact for the labels, while the network sees
     some padding beside the smaller images, so evaluate mixed-size datasets at batch size 1 for exact numbers.
-    `dataset` may be a torch Subset of a dataset.
+    `dataset` may be a torch Subset of a dataset; `device` as for build_train_loader.
     """
     if getattr(dataset, "train", False) or getattr(getattr(dataset, "dataset", None), "train", False):
         raise ValueError(f"build_val_loader needs a dataset built with train=False, got {dataset!r}")
     if resolve_loader(loader) == "dali":
         from engine.data.dali import DaliValLoader
-        return DaliValLoader(dataset, batch_size, workers=workers, rank=rank, world_size=world_size)
+        return DaliValLoader(dataset, batch_size, workers=workers, rank=rank, world_size=world_size,
+                             device_id=dali_device_id(device))
     sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=pad_collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
