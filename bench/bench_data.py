@@ -214,7 +214,9 @@ def main(argv=None):
     device = device_name()
     meta = {"device": device, "dataset": f"{args.dataset} ({len(ds)} train images)", "crop": list(args.crop),
             "batch size": args.batch_size, "augmentation": "scale 0.5-2, crop, flip, rotation +-R degrees",
-            "torch": torch.__version__, "torch threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__, "torch threads": torch.get_num_threads(),
+            "host load at start (1-min load average; other jobs share the cores above 0)": os.getloadavg()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "timing": f"{args.warmup} warm-up + {args.iters} timed batches; step: 2 warm-up + {args.steps} timed"}
     if "dali" in args.loaders:
         import nvidia.dali

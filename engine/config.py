@@ -50,7 +50,7 @@ class DataConfig:
     workers: int = _f(2, "data workers per process: DataLoader worker processes, or DALI CPU threads and Python "
                          "reader processes")
     loader: str = _f("auto", "data loader: dali (NVIDIA DALI pipeline, GPU decoding where CUDA is), torch "
-                             "(DataLoader), or auto (dali when it is importable, else torch)")
+                             "(DataLoader), or auto (dali when it is importable and CUDA is available, else torch)")
     skip_bad_samples: bool = _f(False, "skip unreadable or truncated image/label files (each is named and counted) "
                                        "instead of stopping at the first")
     scale_min: float = _f(0.5, "smallest random rescale factor of the training augmentation")

@@ -126,15 +126,17 @@ def dali_device_id(device):
 
 
 def resolve_loader(kind):
-    """"dali" or "torch" for `--loader kind`; auto: DALI whenever it is importable (with CUDA it decodes and
-    augments on the GPU; on the CPU its operators still beat the DataLoader, see bench/results/data_*)."""
+    """"dali" or "torch" for `--loader kind`; auto: DALI when it is importable and CUDA is there for it to decode
+    and augment on, else the DataLoader. On a CPU-only machine auto keeps the DataLoader, whose batches the
+    existing results were made with (DALI's resample with slightly different filters); `--loader dali` is
+    faster there when there is no rotation, see bench/results/data_*."""
     if kind not in LOADERS:
         raise ValueError(f"unknown --loader {kind!r}; valid: {', '.join(LOADERS)}")
     if kind == "dali" and not dali_importable():
         raise ValueError("--loader dali: nvidia.dali is not importable; pip install nvidia-dali-cuda130 "
                          "(or use --loader torch)")
     if kind == "auto":
-        return "dali" if dali_importable() else "torch"
+        return "dali" if dali_importable() and torch.cuda.is_available() else "torch"
     return kind
 
 
