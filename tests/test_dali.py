@@ -1,6 +1,7 @@
 """DALI loaders (CPU mode here: device_id=None) against the torch path: the same keys, identical labels and
 near-identical images on fixed and random parameters, no new label values, disjoint covering shards, exact
 resume, evaluation batches of mixed sizes, and bad files."""
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,8 @@ def _corrupt_png_data(path):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_bad_files_named_or_skipped(workers, tmp_path):
+def test_bad_files_named_or_skipped(workers, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the skip log goes
     root = make_camvid(tmp_path, splits=(("train", 6),))
     ds = build_dataset("camvid", "train", root=root, train=True, crop=(16, 16))
     data = ds.images[2].read_bytes()

@@ -1,5 +1,7 @@
 """On-disk datasets: listing, label mapping and class counts on tiny fake trees in each layout; conversion of
 PASCAL-Context; bad input (missing, truncated and unreadable files, size mismatches) on the torch path."""
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -197,7 +199,8 @@ def test_truncated_and_unreadable_files_are_named(tmp_path):
     assert ds[3]["index"] == 3
 
 
-def test_skip_bad_samples_substitutes_and_counts(tmp_path, capsys):
+def test_skip_bad_samples_substitutes_and_counts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the skip logs go
     root = make_camvid(tmp_path, splits=(("train", 6),))
     ds = build_dataset("camvid", "train", root=root, train=True, crop=(16, 16), skip_bad=True)
     _truncate(ds.images[2])
