@@ -42,11 +42,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("synthetic", "dataset name: synthetic (built in, no download) or camvid")
+    dataset: str = _f("synthetic", "dataset name: synthetic (built in, no download), camvid, cityscapes, ade20k, "
+                                   "voc, pascal_context (60 classes) or pascal_context59")
     data_root: str = _f("", "dataset folder (not needed for synthetic)")
     crop: tuple = _f((64, 64), "training crop HEIGHT,WIDTH (or one number for a square)", parse=parse_size)
     batch_size: int = _f(8, "images per process per iteration")
-    workers: int = _f(2, "DataLoader worker processes per process")
+    workers: int = _f(2, "data workers per process: DataLoader worker processes, or DALI CPU threads and Python "
+                         "reader processes")
+    loader: str = _f("auto", "data loader: dali (NVIDIA DALI pipeline, GPU decoding where CUDA is), torch "
+                             "(DataLoader), or auto (dali when it is importable and CUDA is available, else torch)")
+    skip_bad_samples: bool = _f(False, "skip unreadable or truncated image/label files (each is named and counted) "
+                                       "instead of stopping at the first")
     scale_min: float = _f(0.5, "smallest random rescale factor of the training augmentation")
     scale_max: float = _f(2.0, "largest random rescale factor")
     flip: bool = _f(True, "random horizontal flip")

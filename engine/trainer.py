@@ -105,8 +105,8 @@ class Trainer:
         d = cfg.data
         self.train_set = build_dataset(d.dataset, "train", root=d.data_root, train=True, crop=d.crop,
                                        scale=(d.scale_min, d.scale_max), flip=d.flip, rotate=d.rotate,
-                                       seed=cfg.run.seed)
-        self.val_set = build_dataset(d.dataset, "val", root=d.data_root, train=False)
+                                       seed=cfg.run.seed, skip_bad=d.skip_bad_samples)
+        self.val_set = build_dataset(d.dataset, "val", root=d.data_root, train=False, skip_bad=d.skip_bad_samples)
         val_items = (torch.utils.data.Subset(self.val_set, range(min(d.val_size, len(self.val_set))))
                      if d.val_size else self.val_set)
         k, ignore = self.train_set.num_classes, self.train_set.ignore_index
@@ -145,7 +145,7 @@ class Trainer:
         self.method_optimizers = self.distiller.method.optimizers()
 
         self.val_loader = build_val_loader(val_items, d.batch_size, workers=d.workers, rank=env.rank,
-                                           world_size=env.world_size)
+                                           world_size=env.world_size, loader=d.loader, device=env.device)
         self.start_iter, self.rng_to_restore = 0, None
         self._resume()
         torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank, reproducibly
@@ -249,7 +249,8 @@ class Trainer:
         log_path = self.out / "log.jsonl"
         if it < iters:
             loader = build_train_loader(self.train_set, cfg.data.batch_size, workers=cfg.data.workers,
-                                        seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, start_iter=it)
+                                        seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, start_iter=it,
+                                        loader=cfg.data.loader, device=env.device)
             batches = iter(loader)  # created before the RNG restore: a DataLoader iterator draws a seed from it
             if self.rng_to_restore is not None:
                 set_rng_state(self.rng_to_restore)

@@ -12,7 +12,9 @@ from engine.data import DATASETS, build_dataset, build_train_loader, build_val_l
 from engine.data import transforms as T
 from engine.data.camvid import CamVid
 from engine.data.loader import TrainBatchSampler, epoch_permutation
+from engine.data.pascal_context import convert
 from engine.data.synthetic import PATCH_IN, PATCH_OUT, SyntheticSegmentation, generate
+from fake_datasets import make_ade20k, make_camvid, make_cityscapes, make_pascal_context, make_voc
 
 CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "camvid"
 
@@ -31,9 +33,20 @@ def unnormalize(image, ds):
 
 # ---------------------------------------------------------------- common interface
 
+def fake_root(name, tmp_path):
+    """A tiny tree of dataset `name` in its layout ("" for synthetic)."""
+    if name.startswith("pascal_context"):
+        voc, source, _, _ = make_pascal_context(tmp_path)
+        convert(source, voc)
+        return voc
+    makers = {"synthetic": lambda p: "", "camvid": make_camvid, "cityscapes": lambda p: make_cityscapes(p)[0],
+              "ade20k": lambda p: make_ade20k(p)[0], "voc": lambda p: make_voc(p)[0]}
+    return makers[name](tmp_path)
+
+
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_interface_attributes(name, tmp_path):
-    root = make_camvid(tmp_path) if name == "camvid" else ""
+    root = fake_root(name, tmp_path)
     ds = build_dataset(name, "train", root=root)
     assert ds.name == name
     assert ds.num_classes == len(ds.class_names) == len(ds.palette)
@@ -50,8 +63,11 @@ def test_interface_attributes(name, tmp_path):
 
 
 def test_build_dataset_errors():
-    with pytest.raises(ValueError, match="camvid.*synthetic"):
-        build_dataset("cityscapes", "train")
+    with pytest.raises(ValueError, match="ade20k, camvid, cityscapes, pascal_context, pascal_context59, synthetic, voc"):
+        build_dataset("kitti", "train")
+    for name in set(DATASETS) - {"synthetic"}:
+        with pytest.raises(ValueError, match="data-root"):
+            build_dataset(name, "train")
     with pytest.raises(ValueError, match="data-root"):
         build_dataset("camvid", "train")
     with pytest.raises(ValueError, match="splits"):
@@ -363,22 +379,6 @@ def test_val_loader_covers_every_index_once(world):
 
 
 # ---------------------------------------------------------------- CamVid
-
-def make_camvid(root, splits=(("train", 3), ("val", 2)), size=(24, 32)):
-    """A tiny fake SegNet tree: jpg and png images, labels with values 0..11 (11 = void)."""
-    rng = np.random.default_rng(7)
-    root = Path(root) / "camvid"
-    for split, count in splits:
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for i in range(count):
-            rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            ext = ".png" if i % 2 else ".jpg"
-            Image.fromarray(rgb).save(root / split / f"f{i:03d}{ext}")
-            label = rng.integers(0, 12, size, dtype=np.uint8)
-            Image.fromarray(label).save(root / f"{split}annot" / f"f{i:03d}.png")
-    return root
-
 
 def test_camvid_listing_and_void(tmp_path):
     root = make_camvid(tmp_path)

@@ -54,6 +54,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, i):
         raise NotImplementedError
 
+    def load_checked(self, i):
+        """(index used, rgb, label): `load(i)`, or for a dataset that skips unreadable files the next readable
+        sample (see engine/data/files.py)."""
+        return (i, *self.load(i))
+
     def __len__(self):
         raise NotImplementedError
 
@@ -67,8 +72,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         n = len(self)
         if key < 0 or (not self.train and key >= n):
             raise IndexError(f"{self.name} {self.split}: key {key} out of range for {n} images")
-        i = key % n
-        rgb, label = self.load(i)
+        i, rgb, label = self.load_checked(key % n)
         if self.train:
             image, label = transforms.augment(rgb, label, self.params(key, rgb.shape[:2]), self.crop,
                                               self.mean, self.std)

@@ -10,9 +10,8 @@ checked every time a label is loaded (one bincount of 256 bins).
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from engine.data.base import SegmentationDataset
+from engine.data.files import FileSegmentation
 from engine.data.transforms import IGNORE_INDEX
 
 CLASS_NAMES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -32,15 +31,25 @@ def _label_lut():
     return lut
 
 
-class CamVid(SegmentationDataset):
+def _valid():
+    ok = np.zeros(256, bool)
+    ok[:len(CLASS_NAMES)] = ok[VOID] = ok[IGNORE_INDEX] = True
+    return ok
+
+
+class CamVid(FileSegmentation):
     """CamVid, SegNet layout; see the module docstring."""
     name = "camvid"
     class_names = CLASS_NAMES
     palette = PALETTE
+    label_lut = _label_lut()
+    valid_labels = _valid()
+    valid_text = f"0..{len(CLASS_NAMES) - 1}, {VOID} (void), {IGNORE_INDEX} (ignore)"
 
     def __init__(self, split, *, root="", train=False, crop=(64, 64), scale=(0.5, 2.0), flip=True, rotate=0.0,
-                 seed=0):
-        super().__init__(split, train=train, crop=crop, scale=scale, flip=flip, rotate=rotate, seed=seed)
+                 seed=0, skip_bad=False, skip_log=None):
+        super().__init__(split, train=train, crop=crop, scale=scale, flip=flip, rotate=rotate, seed=seed,
+                         skip_bad=skip_bad, skip_log=skip_log)
         if not str(root):
             raise ValueError("camvid needs its folder: pass root (--data-root) pointing at the SegNet layout "
                              "<root>/{train,val,test}[annot]/")
@@ -53,45 +62,11 @@ class CamVid(SegmentationDataset):
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
                 raise FileNotFoundError(f"camvid {split} split: folder {folder} is missing")
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
             raise ValueError(f"camvid {split} split: no .png/.jpg images in {image_dir}")
-        self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
-        for image, label in zip(self.images, self.labels):
-            if not label.is_file():
-                raise FileNotFoundError(f"camvid: image {image} has no label; expected {label}")
-        stems = [p.stem for p in self.images]
+        stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
             twice = sorted({s for s in stems if stems.count(s) > 1})
             raise ValueError(f"camvid {split} split: several images share the stem(s) {twice[:5]} in {image_dir}")
-        self.lut = _label_lut()
-
-    def __len__(self):
-        return len(self.images)
-
-    def load(self, i):
-        image_path, label_path = self.images[i], self.labels[i]
-        with Image.open(image_path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        with Image.open(label_path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"camvid label {label_path} has mode {im.mode}: expected one channel of "
-                                 f"class indices")
-            raw = np.asarray(im)
-        if raw.shape != rgb.shape[:2]:
-            raise ValueError(f"camvid: image {image_path} is {rgb.shape[1]}x{rgb.shape[0]} but its label "
-                             f"{label_path} is {raw.shape[1]}x{raw.shape[0]} (width x height)")
-        if raw.dtype != np.uint8:
-            if raw.min() < 0 or raw.max() > 255:
-                bad = int(raw.max() if raw.max() > 255 else raw.min())
-                raise ValueError(f"camvid label {label_path} contains value {bad}; valid: 0..{self.num_classes - 1}, "
-                                 f"{VOID} (void), {IGNORE_INDEX} (ignore)")
-            raw = raw.astype(np.uint8)
-        counts = np.bincount(raw.ravel(), minlength=256)
-        counts[:self.num_classes] = 0
-        counts[VOID] = counts[IGNORE_INDEX] = 0
-        if counts.any():
-            bad = np.flatnonzero(counts).tolist()
-            raise ValueError(f"camvid label {label_path} contains value(s) {bad}; valid: 0..{self.num_classes - 1}, "
-                             f"{VOID} (void), {IGNORE_INDEX} (ignore)")
-        return rgb, self.lut[raw]
+        self.set_files(images, [label_dir / f"{p.stem}.png" for p in images])

@@ -9,10 +9,18 @@ Training stream (per rank, batch size B, N images, world size W):
 The tail of every shard (per_rank mod B samples) is dropped, and at most W - 1 images per epoch fall outside
 all shards. Because iteration `it` maps straight to (epoch, offset), a run resumed at `start_iter` produces
 exactly the batches an uninterrupted run would have, without loading the skipped samples.
+
+Two implementations produce this stream: a torch DataLoader (`loader="torch"`, below) and a DALI pipeline
+(`loader="dali"`, engine/data/dali.py) that is fed the very same keys and augmentation parameters.
 """
+import importlib.util
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import default_collate
+
+LOADERS = ("auto", "dali", "torch")
 
 # Kept apart from the augmentation stream (engine/data/base.py).
 ORDER_STREAM = 0x0D
@@ -102,14 +110,51 @@ class TrainLoader:
         return next(self._it)
 
 
-def build_train_loader(dataset, batch_size, *, workers=2, seed=0, rank=0, world_size=1, start_iter=0):
+def dali_importable():
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def dali_device_id(device):
+    """DALI's device_id for batches meant for torch `device`: the CUDA device's index, None (CPU operators)
+    for the CPU; device None: the current CUDA device if there is one."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def resolve_loader(kind):
+    """"dali" or "torch" for `--loader kind`; auto: DALI when it is importable and CUDA is there for it to decode
+    and augment on, else the DataLoader. On a CPU-only machine auto keeps the DataLoader, whose batches the
+    existing results were made with (DALI's resample with slightly different filters); `--loader dali` is
+    faster there when there is no rotation, see bench/results/data_*."""
+    if kind not in LOADERS:
+        raise ValueError(f"unknown --loader {kind!r}; valid: {', '.join(LOADERS)}")
+    if kind == "dali" and not dali_importable():
+        raise ValueError("--loader dali: nvidia.dali is not importable; pip install nvidia-dali-cuda130 "
+                         "(or use --loader torch)")
+    if kind == "auto":
+        return "dali" if dali_importable() and torch.cuda.is_available() else "torch"
+    return kind
+
+
+def build_train_loader(dataset, batch_size, *, workers=2, seed=0, rank=0, world_size=1, start_iter=0,
+                       loader="torch", device=None):
     """Infinite, rank-sharded, resumable stream of training batches (see the module docstring).
 
     `dataset` must be in train mode (it maps key -> image key % N and augments from (its seed, key)).
-    `seed` decides the data order only; the augmentation seed is the dataset's.
+    `seed` decides the data order only; the augmentation seed is the dataset's. `loader` picks the
+    implementation (see resolve_loader); both give the same batches up to image resampling round-off.
+    `device` (the training device; None: CUDA if available) is where DALI works and delivers the batches.
     """
     if not getattr(dataset, "train", False):
         raise ValueError(f"build_train_loader needs a dataset built with train=True, got {dataset!r}")
+    if resolve_loader(loader) == "dali":
+        from engine.data.dali import DaliTrainLoader
+        return DaliTrainLoader(dataset, batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
+                               start_iter=start_iter, device_id=dali_device_id(device))
     sampler = TrainBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
                                 start_iter=start_iter)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
@@ -118,14 +163,37 @@ def build_train_loader(dataset, batch_size, *, workers=2, seed=0, rank=0, world_
     return TrainLoader(loader, sampler)
 
 
-def build_val_loader(dataset, batch_size, *, workers=2, rank=0, world_size=1):
+def pad_collate(samples):
+    """default_collate, except that images of different sizes are padded at the bottom and right to the largest
+    (image 0, i.e. the mean colour; label 255, so padding never counts in a metric)."""
+    shapes = {tuple(s["label"].shape) for s in samples}
+    if len(shapes) == 1:
+        return default_collate(samples)
+    h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    image = torch.zeros(len(samples), 3, h, w)
+    label = torch.full((len(samples), h, w), 255, dtype=torch.int64)
+    for k, s in enumerate(samples):
+        sh, sw = s["label"].shape
+        image[k, :, :sh, :sw] = s["image"]
+        label[k, :sh, :sw] = s["label"]
+    return {"image": image, "label": label, "index": torch.as_tensor([s["index"] for s in samples])}
+
+
+def build_val_loader(dataset, batch_size, *, workers=2, rank=0, world_size=1, loader="torch", device=None):
     """Each rank evaluates indices rank::world_size once, in order; all ranks together see every image once.
 
     Ranks may get one image fewer than others (no padding), so a per-rank confusion matrix all-reduced after
-    the loop is exact; do not run collectives per batch, the batch counts can differ by one.
+    the loop is exact; do not run collectives per batch, the batch counts can differ by one. Images of
+    different sizes in one batch are padded (see pad_collate): exact for the labels, while the network sees
+    some padding beside the smaller images, so evaluate mixed-size datasets at batch size 1 for exact numbers.
+    `dataset` may be a torch Subset of a dataset; `device` as for build_train_loader.
     """
-    if getattr(dataset, "train", False):
+    if getattr(dataset, "train", False) or getattr(getattr(dataset, "dataset", None), "train", False):
         raise ValueError(f"build_val_loader needs a dataset built with train=False, got {dataset!r}")
+    if resolve_loader(loader) == "dali":
+        from engine.data.dali import DaliValLoader
+        return DaliValLoader(dataset, batch_size, workers=workers, rank=rank, world_size=world_size,
+                             device_id=dali_device_id(device))
     sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=pad_collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)

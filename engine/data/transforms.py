@@ -75,15 +75,48 @@ def resize_image(rgb, hw):
     return np.asarray(Image.fromarray(rgb).resize((hw[1], hw[0]), Image.BILINEAR))
 
 
+def nearest_indices(n, m):
+    """int64 [m]: the source index of each of m outputs resampled from n, floor((j + .5) n / m) capped at n - 1."""
+    return np.minimum(((np.arange(m) + 0.5) * (n / m)).astype(np.int64), n - 1)
+
+
 def resize_label(label, hw):
     """[H, W] -> [h, w], nearest: output pixel (y, x) copies source (floor((y+.5) H/h), floor((x+.5) W/w))."""
     H, W = label.shape
     h, w = hw
     if (H, W) == (h, w):
         return label
-    rows = np.minimum(((np.arange(h) + 0.5) * (H / h)).astype(np.int64), H - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * (W / w)).astype(np.int64), W - 1)
-    return label[rows][:, cols]  # two 1-D gathers: much faster than one 2-D fancy index
+    return label[nearest_indices(H, h)][:, nearest_indices(W, w)]  # two 1-D gathers: faster than a 2-D index
+
+
+def crop_label(label, params, crop_hw):
+    """Steps 1, 3 and 4 for the label alone, touching only the crop window: [H, W] -> [ch, cw].
+
+    Equal to rescaling the whole label, padding, cropping and flipping (as `augment` does) because nearest
+    resampling is a gather; a pipeline that resamples the image elsewhere (DALI) builds the label with this.
+    """
+    H, W = label.shape
+    h, w = scaled_size((H, W), params.scale)
+    ch, cw = crop_hw
+    rows = nearest_indices(H, h)[params.top:params.top + ch]  # the identity when h == H
+    cols = nearest_indices(W, w)[params.left:params.left + cw]
+    out = np.full((ch, cw), IGNORE_INDEX, label.dtype)
+    out[:len(rows), :len(cols)] = label[rows][:, cols]
+    return out[:, ::-1] if params.flip else out
+
+
+def rotation_matrix(angle, hw):
+    """float64 [2, 3]: the output -> source map of `rotate` for an H x W crop, in pixel-edge coordinates.
+
+    q = M @ (x + .5, y + .5, 1) is the source point read by output pixel (y, x); this is the matrix
+    convention of DALI's warp_affine (and of OpenCV's warpAffine with WARP_INVERSE_MAP).
+    """
+    H, W = hw
+    t = math.radians(angle)
+    cos, sin = math.cos(t), math.sin(t)
+    # q = c + R^T (p - c) with c = (W/2, H/2), as in `rotate`
+    return np.array([[cos, -sin, W / 2 - cos * W / 2 + sin * H / 2],
+                     [sin, cos, H / 2 - sin * W / 2 - cos * H / 2]])
 
 
 def normalize(rgb, mean=IMAGENET_MEAN, std=IMAGENET_STD):
