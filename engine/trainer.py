@@ -308,6 +308,12 @@ class Trainer:
                   "class_names": list(self.val_set.class_names), "student": cfg.model.student,
                   "method": cfg.method.method, "dataset": cfg.data.dataset, "iterations": iters,
                   "run_dir": str(self.out)}
+        skip_log = getattr(self.train_set, "skip_log", None)
+        if skip_log is not None:  # --skip-bad-samples: the total over all ranks
+            skipped = int(dist.all_reduce_sum(torch.tensor([skip_log.count()], device=env.device)).item())
+            result["skipped_files"] = skipped
+            self.echo(f"--skip-bad-samples: {skipped} unreadable training file(s) skipped "
+                      f"(rank 0's list: {skip_log.path})")
         if self.teacher is not None:
             result["teacher"] = self.teacher_arch
             result["teacher_miou"] = self.evaluate(self.teacher.model)["miou"]

@@ -236,3 +236,20 @@ def test_sync_bn_on_cpu_is_refused_clearly(teacher, tmp_path):
     cfg = parse_config([*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--sync-bn", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
         Trainer(cfg, DistEnv(rank=0, world_size=2))
+
+
+def test_skip_bad_samples_through_the_cli(tmp_path, monkeypatch):
+    import tempfile
+
+    from fake_datasets import make_camvid
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the skip logs go
+    root = make_camvid(tmp_path / "data", splits=(("train", 6), ("val", 2)))
+    bad = sorted((Path(root) / "train").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    args = ["--method", "none", "--dataset", "camvid", "--data-root", str(root), "--iters", "6",
+            "--crop", "16", "--loader", "torch"]
+    with pytest.raises(ValueError, match=bad.name):
+        run(tmp_path, *args, "--out", str(tmp_path / "strict"))
+    result = run(tmp_path, *args, "--skip-bad-samples", "--out", str(tmp_path / "skip"))
+    assert result["skipped_files"] == 1
