@@ -32,12 +32,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.device import device_name, slug  # noqa: E402
-from engine.config import MethodConfig, parse_size  # noqa: E402
+from engine.config import MethodConfig, OptimConfig, parse_size  # noqa: E402
 from engine.data import DATASETS, build_dataset, build_train_loader  # noqa: E402
 from engine.data.loader import dali_importable  # noqa: E402
 from engine.methods import build_method, method_needs_teacher  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.trainer import Distiller, Frozen  # noqa: E402
+from engine.step import Distiller, TrainStep  # noqa: E402
+from engine.teacher import Frozen  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 CAMVID = os.path.join(ROOT, "..", "shared", "datasets", "camvid")
@@ -127,31 +128,18 @@ def throughput(ds, args, kind, workers):
 
 
 def build_step(args, num_classes, ignore_index):
-    """One distillation training step, as engine/trainer.py runs it (without the LR schedule)."""
+    """One distillation training step: the trainer's own TrainStep (engine/step.py), at iteration 0 of a long
+    schedule every time (the learning rate does not change what is timed)."""
     student = build_model(args.student, num_classes)
     teacher = None
     if method_needs_teacher(args.method):
         teacher = Frozen(build_model(args.teacher, num_classes)).to(DEVICE)  # random weights: timing only
     method = build_method(MethodConfig(method=args.method), student.channels,
                           teacher.channels if teacher else student.channels, num_classes, ignore_index)
-    model = Distiller(student, method, ignore_index).to(DEVICE).train()
-    groups = [{"params": list(student.parameters())}] + model.method.param_groups()
-    opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9)
-    extra = model.method.optimizers()
-
-    def step(batch):
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.amp and CUDA):
-            t_out = teacher(batch["image"]) if teacher is not None else None
-            _, terms = model(batch["image"], t_out, batch)
-        loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        for o in extra:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for o in extra:
-            o.step()
-    return step
+    distiller = Distiller(student, method, ignore_index).to(DEVICE).train()
+    step = TrainStep.build(distiller, teacher, DEVICE, optim=OptimConfig(lr=1e-3),
+                           dtype=torch.bfloat16 if args.amp and CUDA else None)
+    return lambda batch: step(batch, 0)
 
 
 def data_wait(ds, args, kind, workers, step):

@@ -3,8 +3,8 @@
     python bench/bench_optim.py                        # pspnet_r18 + a CAD connector (the GPU target's student)
     python bench/bench_optim.py --student pspnet_tiny --small
 
-One SGD step (momentum 0.9, weight decay 1e-4, as the trainer runs it) over the Distiller's trainable
-parameters with random gradients; median ms over --iters steps after --warmup, per implementation:
+One SGD step (momentum 0.9, weight decay 1e-4) of the optimizer a TrainStep builds (engine/step.py, as
+the trainer builds it) over the student's and the method's trainable parameters, with random gradients; median ms over --iters steps after --warmup, per implementation:
 torch fused, torch foreach, the per-parameter loop, and apex's FusedSGD when apex is importable (CUDA).
 Results: bench/results/optim_<device>.md / .json.
 """
@@ -21,11 +21,11 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.device import device_name, slug  # noqa: E402
-from engine.config import MethodConfig  # noqa: E402
+from engine.config import MethodConfig, OptimConfig  # noqa: E402
 from engine.methods import build_method  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.speed import apex_fused_sgd, build_sgd  # noqa: E402
-from engine.trainer import Distiller  # noqa: E402
+from engine.optim import apex_fused_sgd  # noqa: E402
+from engine.step import Distiller, TrainStep  # noqa: E402
 
 
 def time_step(opt, device, warmup, iters):
@@ -60,16 +60,17 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student, teacher = build_model(a.student, 19), build_model(a.teacher, 19)
     method = build_method(MethodConfig(method="cad"), student.channels, teacher.channels, 19)
-    model = Distiller(student, method).to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    n = sum(q.numel() for q in params)
+    distiller = Distiller(student, method).to(device)
     impls = ["fused", "foreach", "plain"] + (["apex"] if apex_fused_sgd() and device.type == "cuda" else [])
     rows = {}
     for impl in impls:
+        step = TrainStep.build(distiller, None, device, optim=OptimConfig(lr=1e-6, momentum=0.9, weight_decay=1e-4),
+                               optim_impl=impl)
+        params = [q for g in step.optimizer.param_groups for q in g["params"]]
         for q in params:
             q.grad = torch.randn_like(q)
-        opt, _ = build_sgd([{"params": params}], {"lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-4}, impl, device)
-        rows[impl] = time_step(opt, device, a.warmup, a.iters)
+        rows[impl] = time_step(step.optimizer, device, a.warmup, a.iters)
+    n = sum(q.numel() for q in params)
     best = min(rows, key=rows.get)
     dev = device_name()
     lines = [f"# SGD implementations on {dev}", "",

@@ -8,7 +8,8 @@
 For each method (kd, cad, apd, cwd by default) the same configuration (teacher, student, data, crop, batch,
 SGD + poly LR, method weights of engine.config.MethodConfig) is trained two ways:
 
-  segkd      engine.trainer.Trainer, timed by `Trainer.profile(phases=True)`: `steps` consecutive hot-loop
+  segkd      the TrainStep of engine.trainer.Trainer (engine/step.py) on its own batches, timed by
+             engine.profile.profile(phases=True): `steps` consecutive hot-loop
              steps with one device sync at the end (the headline), then as many again with each phase timed
              (CUDA events on a GPU, wall time on the CPU) for the teacher-forward time and the per-phase table
   reference  bench/cirkd_reference.py: CIRKD's train_kd.py loop (fp32, DataLoader, permute-based KD loss,
@@ -52,6 +53,7 @@ from engine.config import Config, MethodConfig, OptimConfig, RunConfig, parse_si
 from engine.data import DATASETS, LOADERS, build_dataset, resolve_loader  # noqa: E402
 from engine.dist import init_distributed  # noqa: E402
 from engine.models import build_model  # noqa: E402
+from engine.profile import profile  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -170,13 +172,14 @@ def segkd_config(args, method, teacher_ckpt, out):
 
 
 def run_segkd(args, env, method, teacher_ckpt, tmp):
-    """-> (Trainer.profile stats for `method`, a description of the trainer's step settings)."""
+    """-> (profile stats of the trainer's step for `method`, a description of the step's settings)."""
     cfg = segkd_config(args, method, teacher_ckpt, os.path.join(tmp, f"segkd-{method}"))
     echo = print if args.verbose else (lambda *a, **k: None)
     trainer = Trainer(cfg, env, echo=echo)
     # phases=True: the plain hot loop (step_ms, img_s), then the same number of steps with each phase timed
-    stats = trainer.profile(warmup=args.warmup, steps=args.steps, phases=True)
-    settings = trainer.step_text  # how the step ran: precision, memory format, SGD, compile
+    stats = profile(trainer.step, trainer.batches(0), device=env.device, iters=cfg.optim.iters, warmup=args.warmup,
+                    steps=args.steps, phases=True, world_size=env.world_size, rank=env.rank)
+    settings = trainer.step.description  # how the step ran: precision, memory format, SGD, compile
     del trainer
     release()
     return stats, settings
@@ -251,7 +254,7 @@ def main(argv=None):
                     ref_runs[method].append(stats)
                     line += f" | reference {stats['step_ms']:8.1f} ms/step"
                 print(line, flush=True)
-        meta["segkd"] = f"engine.trainer.Trainer, loader {resolve_loader(args.loader)}; {settings}"
+        meta["segkd"] = f"engine.step.TrainStep, loader {resolve_loader(args.loader)}; {settings}"
 
     alone = dict(median_run(seg_runs["none"]), runs_ms=[x["step_ms"] for x in seg_runs["none"]])
     print(f"student alone (segkd, --method none): {alone['step_ms']:.1f} ms/step, {alone['img_s']:.1f} img/s")

@@ -1,6 +1,21 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), loaded with clear errors, RNG states.
+"""Checkpoints: what a run saves and how it is restored, written atomically, loaded with clear errors.
 
-A checkpoint is a plain dict of tensors and plain Python values, so it loads with `weights_only=True`.
+A checkpoint is a plain dict of tensors and plain Python values, so it loads with `weights_only=True`:
+
+    format             "segkd-checkpoint-v1"
+    iteration          iterations done; a resume continues with this one
+    complete           True for the checkpoint written at the end of the run
+    arch, num_classes, class_names   the student, as evaluate.py and --teacher-ckpt read it
+    config             the run's Config.to_dict()
+    model              the student's state_dict
+    method_state       the method's state_dict (connectors, projectors)
+    optimizer          the student's SGD; method_optimizers: the method's own, in order
+    rng                every rank's RNG states (torch, CUDA, numpy, python), rank order
+    metrics            the final evaluation (complete checkpoints)
+    source             the training source's state (data-free methods)
+    scaler             the GradScaler's state (--precision fp16)
+
+A run directory holds ckpt_<iteration>.pt (the newest --keep-ckpts) and last.pt, a hard link to the newest.
 """
 import os
 import random
@@ -70,6 +85,77 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} is not a segkd checkpoint (no '{FORMAT}' marker); a raw state dict can be "
                          "given as --teacher-ckpt, not to --resume or evaluate.py")
     return ckpt
+
+
+def run_state(step, cfg, *, iteration, num_classes, class_names, rngs, complete=False, metrics=None):
+    """The checkpoint of a run at `iteration`: the layout of the module docstring, from the parts a TrainStep
+    (engine/step.py) holds."""
+    ckpt = {
+        "format": FORMAT, "iteration": iteration, "complete": complete, "arch": cfg.model.student,
+        "num_classes": num_classes, "class_names": list(class_names), "config": cfg.to_dict(),
+        "model": step.student.state_dict(), "method_state": step.method.state_dict(),
+        "optimizer": step.optimizer.state_dict(),
+        "method_optimizers": [o.state_dict() for o in step.method_optimizers], "rng": rngs,
+        "metrics": metrics or {},
+    }
+    if step.source is not None:
+        ckpt["source"] = step.source.state_dict()
+    if step.scaler is not None:
+        ckpt["scaler"] = step.scaler.state_dict()
+    return ckpt
+
+
+def write_run_checkpoint(ckpt, out, keep):
+    """<out>/ckpt_<iteration>.pt written atomically, last.pt pointed at it, then all but the newest `keep`
+    numbered checkpoints removed."""
+    out = Path(out)
+    path = out / f"ckpt_{ckpt['iteration']:07d}.pt"
+    save_atomic(ckpt, path)
+    link_atomic(path, out / "last.pt")
+    numbered = sorted(out.glob("ckpt_*.pt"))
+    for old in numbered[: max(len(numbered) - keep, 0)]:
+        old.unlink()
+    return path
+
+
+def resume_path(spec, out):
+    """--resume: '' or 'none' -> None; 'auto' -> <out>/last.pt if it exists, else None; else the file named."""
+    if spec in ("", "none"):
+        return None
+    path = Path(out) / "last.pt" if spec == "auto" else Path(spec)
+    if spec == "auto" and not path.exists():
+        return None
+    return path
+
+
+def check_resumable(ckpt, path, cfg, num_classes):
+    """Refuse, naming what differs, a checkpoint of another student, method, dataset or class count."""
+    want = {"model": cfg.model.student, "method": cfg.method.method, "dataset": cfg.data.dataset,
+            "num_classes": num_classes}
+    have = {"model": ckpt["arch"], "method": ckpt["config"]["method"]["method"],
+            "dataset": ckpt["config"]["data"]["dataset"], "num_classes": ckpt["num_classes"]}
+    for key in want:
+        if want[key] != have[key]:
+            raise ValueError(f"cannot resume from {path}: it is a checkpoint of {key} {have[key]!r}, this run "
+                             f"trains {key} {want[key]!r} (choose another --out, or --resume none)")
+
+
+def restore(step, ckpt, path, method_spec):
+    """Load a checkpoint's state into the parts of `step` -> (iteration to continue from, every rank's RNG
+    states as saved)."""
+    step.student.load_state_dict(ckpt["model"])
+    step.method.load_state_dict(ckpt["method_state"])
+    step.optimizer.load_state_dict(ckpt["optimizer"])
+    for opt, state in zip(step.method_optimizers, ckpt["method_optimizers"]):
+        opt.load_state_dict(state)
+    if step.scaler is not None and ckpt.get("scaler"):
+        step.scaler.load_state_dict(ckpt["scaler"])
+    if step.source is not None:
+        if "source" not in ckpt:
+            raise ValueError(f"cannot resume from {path}: it has no state of the training source of "
+                             f"--method {method_spec}")
+        step.source.load_state_dict(ckpt["source"])
+    return ckpt["iteration"], ckpt["rng"]
 
 
 def rng_state():

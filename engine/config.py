@@ -1,34 +1,18 @@
 """Run configuration: a few dataclasses, one documented default per field, argparse flags generated from them.
 
-Every field `foo_bar` of every section becomes the flag `--foo-bar`; its help text is the field's doc.
+Every field `foo_bar` of every section becomes the flag `--foo-bar`; its help text is the field's doc. The
+method section is assembled from every method's own settings (engine/methods/__init__.py: MethodConfig).
 """
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-
-def _f(default, doc, **extra):
-    """A dataclass field with its documentation (shown as the flag's --help)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **extra})
-    return field(default=default, metadata={"doc": doc, **extra})
-
-
-def parse_size(text):
-    """'512' -> (512, 512); '360,480' or '360x480' -> (360, 480) as (height, width)."""
-    if isinstance(text, (tuple, list)):
-        return tuple(int(v) for v in text)
-    parts = str(text).replace("x", ",").split(",")
-    try:
-        sizes = tuple(int(p) for p in parts if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 512 or 360,480, got {text!r}") from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size like 512 or 360,480, got {text!r}")
-    return sizes
+from engine.methods import MethodConfig
+from engine.settings import parse_size
+from engine.settings import setting as _f  # short, so that each field stays on its line
 
 
 @dataclass
@@ -58,24 +42,6 @@ class DataConfig:
     flip: bool = _f(True, "random horizontal flip")
     rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)")
     val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)")
-
-
-@dataclass
-class MethodConfig:
-    method: str = _f("cad", "distillation method, or several joined by '+' (e.g. cad+kd); 'none' trains with CE only")
-    position: str = _f("", "where feature methods distil: backbone|decoder|logits (empty: the method's default)")
-    temperature: float = _f(1.0, "softmax temperature T of the per-pixel KD term (kd, and the KD term of lad/cad/pad/apd)")
-    kd_weight: float = _f(1.0, "kd: weight of T^2-scaled per-pixel KL (CIRKD/SKD use 1 at T = 1)")
-    fitnet_weight: float = _f(1.0, "fitnet: weight of the feature MSE")
-    md_weight: float = _f(1.0, "md: weight of the magnitude term")
-    ad_weight: float = _f(10.0, "lad/cad/pad: lambda_ad, weight of the angular term")
-    ad_kd_weight: float = _f(10.0, "lad/cad/pad: lambda_kd, weight of the per-pixel KD term that is part of the method")
-    apd_kd_weight: float = _f(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)")
-    apd_rec_weight: float = _f(10.0, "apd: lambda_rec, weight of the prototype reconstruction term")
-    apd_tau: float = _f(0.1, "apd: temperature of the prototype cosine similarities")
-    apd_teacher_lr: float = _f(1e-5, "apd: Adam learning rate of the teacher projector P_t")
-    cwd_weight: float = _f(3.0, "cwd: weight of the channel-wise KL")
-    cwd_temperature: float = _f(4.0, "cwd: temperature of the spatial softmax")
 
 
 @dataclass
@@ -114,40 +80,10 @@ class RunConfig:
     cache_dir: str = _f("", "where trained default teachers and baselines are cached (empty: $SEGKD_CACHE or ~/.cache/segkd)")
 
 
-@dataclass
-class DataFreeConfig:
-    """Where a data-free method's training inputs come from (docs/datafree.md). The loss weights of dfad/dfss
-    live in MethodConfig like every other method's (dfss: --kd-weight, --temperature)."""
-    gen_nz: int = _f(256, "dfad: size nz of the generator's latent z ~ N(0, 1)")
-    gen_size: tuple = _f((128, 128), "dfad: generated image HEIGHT,WIDTH, multiples of 16 (replaces --crop in "
-                                     "training)", parse=parse_size)
-    gen_batch: int = _f(64, "dfad: generated images per student step and per generator step, per process "
-                            "(replaces --batch-size in training)")
-    gen_every: int = _f(5, "dfad: k, student steps (iterations) per generator step")
-    gen_lr: float = _f(1e-3, "dfad: Adam learning rate of the generator (constant)")
-    dfad_lr: float = _f(0.1, "dfad: student SGD learning rate (replaces --lr; the poly schedule applies, "
-                             "--poly-power 0 keeps it constant as DFAD's code does)")
-    dfad_weight_decay: float = _f(5e-4, "dfad: student SGD weight decay (replaces --weight-decay)")
-    bn_weight: float = _f(0.0, "dfad: weight of the DeepInversion BN-statistics term in the generator loss (0: off)")
-    bn_first_weight: float = _f(10.0, "dfad: multiplier of the first teacher BN layer in that term (DeepInversion: 10)")
-    aux_data: str = _f("", "dfss: folder of unlabelled auxiliary images (searched recursively for .jpg/.jpeg/.png)")
-    ads_layers: str = _f("all", "dfss: teacher BN layers whose input statistics score an image: all|first|last-K "
-                                "(in execution order)")
-    ads_keep: float = _f(0.5, "dfss: images kept from the pool, the lowest-scored: a fraction if <= 1, a count if > 1")
-    ads_batch: int = _f(16, "dfss: images per scoring batch")
-    ads_view: str = _f("crop", "dfss: what the teacher scores: crop (each image resized to cover --crop, centre "
-                               "crop: the input size its BN statistics were gathered at) or whole (the whole image)")
-    ads_max_side: int = _f(0, "dfss: --ads-view whole: images with a longer side above this are downscaled for "
-                              "scoring (0: never)")
-    wdpd_alpha: float = _f(0.5, "dfss: fraction of --iters after which the sample weights are uniform "
-                                "(0: uniform from the start)")
-    wdpd_schedule: str = _f("linear", "dfss: linear (weights move from w0 to uniform) or threshold (samples "
-                                      "admitted in order of distance)")
-    wdpd_start: float = _f(0.25, "dfss: threshold schedule: fraction of the kept images admitted at the start")
-
-
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig,
-            "datafree": DataFreeConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}
+# Sections of older configs whose fields now live elsewhere: a checkpoint written before the data-free settings
+# moved into their methods' modules still loads them.
+MOVED = {"datafree": "method"}
 
 
 @dataclass
@@ -157,7 +93,6 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -169,7 +104,11 @@ class Config:
         for name, klass in SECTIONS.items():
             known = {f.name: f for f in dataclasses.fields(klass)}
             values = {}
-            for k, v in (d.get(name) or {}).items():
+            given = dict(d.get(name) or {})
+            for old, new in MOVED.items():
+                if new == name:
+                    given.update(d.get(old) or {})
+            for k, v in given.items():
                 if k in known:
                     parse = known[k].metadata.get("parse")
                     values[k] = parse(v) if parse else v
@@ -222,6 +161,12 @@ def config_from_args(args):
             if section in values:
                 values[section][fname] = v
     return Config(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+
+
+def cache_dir(cfg):
+    """Where trained default teachers, baselines and ADS scores are cached: --cache-dir, else $SEGKD_CACHE, else
+    ~/.cache/segkd."""
+    return Path(cfg.run.cache_dir or os.environ.get("SEGKD_CACHE") or Path.home() / ".cache" / "segkd")
 
 
 def parse_config(argv=None, description=None):

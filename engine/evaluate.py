@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.metrics import ConfusionMatrix
-from engine.speed import autocast, resolve_precision
+from engine.precision import autocast, resolve_precision
 
 
 def whole_logits(model, images):

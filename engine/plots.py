@@ -78,3 +78,28 @@ def plot_samples(rows, out_path, palette, mean, std, columns=("image", "ground t
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def plot_run(out, title, student, teacher, val_set, device, n=4):
+    """The pictures of a finished run: <out>/curves.png from its log.jsonl, and <out>/samples.png, image |
+    ground truth | teacher (when there is one) | student on the first `n` validation images."""
+    import torch
+
+    from engine.evaluate import whole_logits
+
+    out = Path(out)
+    plot_curves(out / "log.jsonl", out / "curves.png", title)
+    rows = []
+    was = student.training
+    student.eval()
+    with torch.no_grad():
+        for i in range(min(n, len(val_set))):
+            item = val_set[i]
+            x = item["image"][None].to(device)
+            row = {"image": item["image"].numpy(), "label": item["label"].numpy(),
+                   "student": whole_logits(student, x).argmax(1)[0].cpu().numpy()}
+            if teacher is not None:
+                row["teacher"] = whole_logits(teacher, x).argmax(1)[0].cpu().numpy()
+            rows.append(row)
+    student.train(was)
+    plot_samples(rows, out / "samples.png", val_set.palette, val_set.mean, val_set.std)

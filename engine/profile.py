@@ -1,16 +1,24 @@
-"""Where a training step's time goes: phase clocks, the --profile table, peak memory.
+"""Where a training step's time goes: phase clocks, the --profile run and its table, peak memory.
 
-A step is cut into phases by `clock.begin(name)` calls placed in the trainer (data, teacher, student, loss,
-backward, optimizer; data-free sources add their own, e.g. dfad's generator step). On CUDA a boundary is a
+`profile(step, batches, ...)` times any step callable (engine/step.py: TrainStep) on any batch iterator; the
+trainer, train.py's --profile and bench/train_throughput.py all time the same TrainStep with it.
+
+A step is cut into phases by `clock.begin(name)` calls: "data" here around fetching the batch, the rest in
+the step (teacher forward, student forward, loss, backward, optimizer; a data-free source adds its own, e.g.
+dfad's generator step). On CUDA a boundary is a
 CUDA event recorded on the current stream, read once after the timed steps (no sync inside them): a phase's
 time is the stream time between its boundaries, so host-side waiting (data) shows up as a gap only when the
 GPU has run out of work. On CPU a boundary is the wall clock. Inside a torch.profiler trace each phase is
 also a named range (`record_function`), so the Chrome/TensorBoard trace shows the same cut.
 """
+import json
 import resource
 import time
+from pathlib import Path
 
 import torch
+
+from engine import dist
 
 
 class NullClock:
@@ -113,3 +121,85 @@ def format_report(stats, title):
     if stats.get("trace"):
         lines.append(f"  torch.profiler trace: {stats['trace']} (chrome://tracing, Perfetto or TensorBoard)")
     return "\n".join(lines)
+
+
+def profile(step, batches, *, device, start_iter=0, iters=None, warmup=5, steps=20, phases=True, trace_dir=None,
+            world_size=1, rank=0):
+    """Time `steps` iterations of `step(batch, iteration, clock)` on `batches` after `warmup` untimed ones
+    (the weights change; nothing is saved). Iterations count from start_iter, modulo `iters` (the schedule's
+    length) so that a long profile never runs past the end of the learning-rate schedule.
+
+    -> {"step_ms": ms per iteration of the plain hot loop (no phase marks, one sync at the end),
+        "img_s_per_process", "img_s" (x world size), "phases": {phase: mean ms} (phases=True: a second
+        run of `steps` iterations with a boundary per phase), "phase_step_ms": their sum,
+        "peak_mem_mb", "batch", "world_size", "device", "steps", "warmup", "trace" (a path), "iterations_run"}
+    trace_dir: a further min(steps, 5) iterations under torch.profiler, written as a Chrome trace to
+    <trace_dir>/trace_rank<rank>.json.
+    """
+    if steps < 1:
+        raise ValueError(f"--profile needs at least 1 step, got {steps}")
+    total = warmup + steps * (2 if phases else 1) + (min(steps, 5) if trace_dir else 0)
+    state = {"it": start_iter, "images": 0}
+
+    def run(n, clock=NULL_CLOCK):
+        for _ in range(n):
+            clock.begin("data")
+            batch = next(batches)
+            step(batch, state["it"] % iters if iters else state["it"], clock)
+            clock.end()
+            state["it"] += 1
+            state["images"] = batch["image"].shape[0]
+
+    run(warmup)
+    sync(device)
+    reset_peak_memory(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    run(steps)
+    sync(device)
+    step_ms = 1000 * (time.perf_counter() - t0) / steps
+    stats = {"step_ms": step_ms, "img_s_per_process": 1000 * state["images"] / step_ms,
+             "img_s": 1000 * state["images"] * world_size / step_ms, "batch": state["images"],
+             "world_size": world_size, "device": str(device), "steps": steps, "warmup": warmup,
+             "phases": {}, "phase_step_ms": 0.0, "trace": None, "iterations_run": total}
+    if phases:
+        clock = PhaseClock(device)
+        run(steps, clock)
+        stats["phases"] = clock.phase_ms()
+        stats["phase_step_ms"] = sum(stats["phases"].values())
+    stats["peak_mem_mb"] = peak_memory_mb(device)
+    if trace_dir:
+        folder = Path(trace_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            run(min(steps, 5), PhaseClock(device, ranges=True))
+            sync(device)
+        path = folder / f"trace_rank{rank}.json"
+        prof.export_chrome_trace(str(path))
+        stats["trace"] = str(path)
+    return stats
+
+
+def profile_run(step, batches, env, out, *, warmup, steps, start_iter, iters, title, notes=dict, echo=print):
+    """--profile N: the per-phase table on rank 0 (each phase the maximum over the ranks), then
+    <out>/profile/profile.json and a torch.profiler trace per rank. notes: -> {label: text} printed below the
+    table (a data-free source's, say), asked on rank 0 only."""
+    echo(f"--profile: {warmup} warm-up iterations, then {steps} timed twice (hot loop, then per phase), then a "
+         "torch.profiler trace; no checkpoint is written")
+    folder = Path(out) / "profile"
+    stats = profile(step, batches, device=env.device, start_iter=start_iter, iters=iters, warmup=warmup,
+                    steps=steps, phases=True, trace_dir=folder, world_size=env.world_size, rank=env.rank)
+    stats["notes"] = notes() if env.is_main else {}
+    per_rank = dist.all_gather_object(stats["phases"])
+    if env.is_main:
+        if len(per_rank) > 1:  # the slowest rank sets the pace: show the max over ranks per phase
+            stats["phases"] = {k: max(p[k] for p in per_rank) for k in stats["phases"]}
+            stats["phase_step_ms"] = sum(stats["phases"].values())
+            stats["notes"]["ranks"] = f"phase times are the maximum over {len(per_rank)} ranks"
+        echo(format_report(stats, title))
+        (folder / "profile.json").write_text(json.dumps(stats, indent=2))
+    dist.barrier()
+    return stats

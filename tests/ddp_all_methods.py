@@ -25,12 +25,11 @@ def config(work, method, teacher, aux):
     cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, teacher="pspnet_tiny", student="pspnet_tiny", teacher_ckpt=teacher)
     cfg.data = dataclasses.replace(cfg.data, crop=(32, 32), batch_size=2, workers=0, val_size=2, loader="torch")
-    cfg.method = dataclasses.replace(cfg.method, method=method)
+    cfg.method = dataclasses.replace(cfg.method, method=method, gen_size=(32, 32), gen_batch=2, gen_every=1,
+                                     aux_data=aux, ads_batch=4)
     cfg.optim = dataclasses.replace(cfg.optim, iters=2)
     cfg.run = dataclasses.replace(cfg.run, out=str(Path(work) / method), eval_interval=0, log_interval=1,
                                   resume="none", device="cpu")
-    cfg.datafree = dataclasses.replace(cfg.datafree, gen_size=(32, 32), gen_batch=2, gen_every=1, aux_data=aux,
-                                       ads_batch=4)
     return cfg
 
 
@@ -41,8 +40,8 @@ def main(work, teacher, aux):
     try:
         for method in methods:
             trainer = Trainer(config(work, method, teacher, aux), env, echo=lambda *a, **k: None)
-            trainer._pictures = lambda *a, **k: None  # plotting is tested elsewhere; it costs seconds here
-            first = next(trainer._batches(0))["image"].sum().reshape(1)  # this rank's first batch
+            trainer.pictures = lambda *a, **k: None  # plotting is tested elsewhere; it costs seconds here
+            first = next(trainer.batches(0))["image"].sum().reshape(1)  # this rank's first batch
             firsts = [torch.empty_like(first) for _ in range(env.world_size)]
             tdist.all_gather(firsts, first)
             before = torch.cat([p.detach().reshape(-1) for p in trainer.student.parameters()]).clone()
@@ -65,7 +64,7 @@ def main(work, teacher, aux):
                 "ranks_see_other_batches": bool((firsts[1] != firsts[0]).item()),
                 "loss": [r["loss"] for r in log if r["kind"] == "train"][-1],
                 "miou": result["miou"],
-                "static_graph": bool(getattr(trainer.model, "static_graph", False)),
+                "static_graph": bool(getattr(trainer.step.model, "static_graph", False)),
                 **extra,
             }
         if env.is_main:

@@ -24,7 +24,8 @@ from engine.evaluate import evaluate
 from engine.methods import build_method
 from engine.models import build_model
 from engine.train import main
-from engine.trainer import Trainer, load_teacher
+from engine.teacher import load_teacher
+from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "datasets" / "camvid"
@@ -129,10 +130,10 @@ def test_dfad_round_k_student_steps_then_one_generator_step(random_teacher, tmp_
     k = 3
     tr = dfad_trainer(tmp_path, random_teacher, "--gen-every", str(k), "--bn-weight", bn_weight)
     src = tr.source
-    assert tr.optimizer.param_groups[0]["weight_decay"] == 5e-4  # DFAD's student SGD, not the --lr default
-    assert tr.optimizer.param_groups[0]["initial_lr"] == 0.1
+    assert tr.step.optimizer.param_groups[0]["weight_decay"] == 5e-4  # DFAD's student SGD, not the --lr default
+    assert tr.step.optimizer.param_groups[0]["initial_lr"] == 0.1
     teacher0 = snapshot(tr.teacher)
-    tr.model.train()
+    tr.step.model.train()
     batches = src.batches(0)
     gen_params = [p.detach().clone() for p in src.generator.parameters()]
     for round_ in range(2):
@@ -141,8 +142,9 @@ def test_dfad_round_k_student_steps_then_one_generator_step(random_teacher, tmp_
             student0 = snapshot(tr.student)
             batch = next(batches)
             assert batch["image"].shape == (4, 3, 32, 32) and "label" not in batch
-            terms = tr.train_step(batch, it)
-            side = src.after_step(it)
+            out = tr.step(batch, it)  # the student's step, then the source's own (the generator's every k-th)
+            terms = {n: v for n, v in out.items() if n in tr.step.loss_names}
+            side = {n: v for n, v in out.items() if n not in tr.step.loss_names}
             assert set(terms) == {"dfad/l1"} and set(side) == ({"gen/l1", "gen/bn"} if bn_weight != "0" else {"gen/l1"})
             assert changed(student0, tr.student), f"iteration {it}: no student update"
             now = list(src.generator.parameters())
@@ -160,7 +162,7 @@ def test_generator_gradient_raises_the_discrepancy(random_teacher, tmp_path):
     """One generator step on a fixed z increases mean |S - T| on that z (same student, same dropout masks)."""
     tr = dfad_trainer(tmp_path, random_teacher, "--gen-lr", "1e-3")
     src = tr.source
-    tr.model.train()
+    tr.step.model.train()
     z = src.latent(0, 1)
 
     def discrepancy():

@@ -30,7 +30,7 @@ def train_steps(method, teacher, path, steps=3):
     tr = Trainer(cfg, DistEnv())
     tr.distiller.train()
     batches = iter(build_train_loader(tr.train_set, 2, workers=0))
-    history = [{k: v.item() for k, v in tr.train_step(next(batches), it).items()} for it in range(steps)]
+    history = [{k: v.item() for k, v in tr.step(next(batches), it).items()} for it in range(steps)]
     return history, tr.student.state_dict()
 
 

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from engine.config import MethodConfig
-from engine.methods import METHODS, build_method, method_needs_teacher, parse_method
+from engine.methods import METHODS, Method, build_method, method_needs_teacher, parse_method
 
 
 class Out(NamedTuple):  # the SegOutput contract: backbone, decoder, logits
@@ -54,7 +54,7 @@ def test_terms_finite_and_gradients_reach_student_and_method(name):
     trainable = [p for p in m.parameters() if p.requires_grad]
     # logit methods: equal class counts need no connector; data-free methods own no trainable part here
     # (dfad's generator lives in its training source, tests/test_datafree.py)
-    if name not in ("kd", "cwd") and not METHODS[name].data_free:
+    if name not in ("kd", "cwd") and METHODS[name].train_source is Method.train_source:  # not data-free
         assert trainable, f"{name} should own a connector or projectors here"
     for p in trainable:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: a method parameter got no gradient"

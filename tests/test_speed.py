@@ -1,4 +1,4 @@
-"""The fast step (engine/speed.py), --profile (engine/profile.py) and DDP for every method.
+"""The fast step (engine/step.py and the modules it is built from), --profile (engine/profile.py) and DDP for every method.
 
 Each speed option changes how the step runs, never what it computes: the tests train the same iterations
 with and without it and compare the weights."""
@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import speed
+from engine import optim
 from engine.checkpoint import load_checkpoint
 from engine.models import SegOutput, build_model
 from engine.train import main
-from engine.trainer import Frozen
+from engine.prefetch import DevicePrefetcher
+from engine.teacher import Frozen, TeacherForward
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "2", "--log-interval", "1",
@@ -51,7 +52,7 @@ def test_sgd_implementations_follow_the_update_formula(impl):
     ref = [p.detach().double().clone() for p in params]
     buf = [torch.zeros_like(r) for r in ref]
     lr, mom, wd = 0.1, 0.9, 1e-2
-    opt, name = speed.build_sgd([{"params": params}], {"lr": lr, "momentum": mom, "weight_decay": wd}, impl,
+    opt, name = optim.build_sgd([{"params": params}], {"lr": lr, "momentum": mom, "weight_decay": wd}, impl,
                                 torch.device("cpu"))
     assert name == ("fused" if impl == "auto" else impl)
     for _ in range(3):
@@ -69,14 +70,14 @@ def test_sgd_implementations_follow_the_update_formula(impl):
 
 def test_apex_is_optional_and_its_errors_are_clear(monkeypatch):
     groups, hyper, cpu = [{"params": [torch.nn.Parameter(torch.ones(2))]}], {"lr": 0.1}, torch.device("cpu")
-    monkeypatch.setattr(speed, "apex_fused_sgd", lambda: None)
+    monkeypatch.setattr(optim, "apex_fused_sgd", lambda: None)
     with pytest.raises(ValueError, match="--optim-impl apex: apex is not importable"):
-        speed.build_sgd(groups, hyper, "apex", cpu)
-    monkeypatch.setattr(speed, "apex_fused_sgd", lambda: torch.optim.SGD)
+        optim.build_sgd(groups, hyper, "apex", cpu)
+    monkeypatch.setattr(optim, "apex_fused_sgd", lambda: torch.optim.SGD)
     with pytest.raises(ValueError, match="--optim-impl apex needs CUDA"):
-        speed.build_sgd(groups, hyper, "apex", cpu)
+        optim.build_sgd(groups, hyper, "apex", cpu)
     with pytest.raises(ValueError, match="--optim-impl 'adamw' is not one of"):
-        speed.build_sgd(groups, hyper, "adamw", cpu)
+        optim.build_sgd(groups, hyper, "adamw", cpu)
 
 
 # ------------------------------------------------------------------ the teacher's forward
@@ -87,7 +88,7 @@ def test_teacher_forward_matches_the_model_and_its_outputs_can_be_saved_for_back
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         want = Frozen(model)(x)
-    out = speed.TeacherForward(Frozen(model), torch.device("cpu"), dtype)(x)
+    out = TeacherForward(Frozen(model), torch.device("cpu"), dtype)(x)
     assert isinstance(out, SegOutput)
     for w, o in zip(want, out):
         assert not o.is_inference() and not o.requires_grad
@@ -127,7 +128,7 @@ class Counting:
 @pytest.mark.parametrize("ahead", [True, False])
 def test_prefetcher_keeps_order_and_reads_ahead_only_when_asked(ahead):
     source = Counting(4)
-    pre = speed.Prefetcher(source, torch.device("cpu"), channels_last=True, ahead=ahead)
+    pre = DevicePrefetcher(source, torch.device("cpu"), channels_last=True, ahead=ahead)
     first = next(pre)
     assert source.taken == (2 if ahead else 1)
     assert first["index"] == 1 and first["image"].is_contiguous(memory_format=torch.channels_last)
@@ -177,11 +178,11 @@ def one_step_update(teacher, tmp, precision, init_scale=None):
                         "--out", str(tmp / precision), "--resume", "none"])
     trainer = Trainer(cfg, DistEnv(), echo=lambda *a: None)
     if init_scale is not None:
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    batch = next(trainer._batches(0))
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    batch = next(trainer.batches(0))
+    params = [p for g in trainer.step.optimizer.param_groups for p in g["params"]]
     before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-    terms = trainer.train_step(batch, 0)
+    terms = trainer.step(batch, 0)
     after = torch.cat([p.detach().reshape(-1) for p in params])
     return after - before, terms
 

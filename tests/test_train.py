@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
-from engine.methods import METHODS
+from engine.methods import METHODS, Method
 from engine.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,12 @@ def teacher(tmp_path_factory):
 
 
 # Data-free methods train on inputs of their own, without cross-entropy: tests/test_datafree.py runs them.
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "none" and not METHODS[m].data_free] + ["cad+kd"])
+def brings_inputs(cls):
+    """A data-free method: it trains on inputs of its own (a TrainSource), not on the labelled split."""
+    return cls.train_source is not Method.train_source
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none" and not brings_inputs(METHODS[m])] + ["cad+kd"])
 def test_every_method_trains_end_to_end(method, teacher, tmp_path):
     out = tmp_path / "run"
     result = run(tmp_path, "--method", method, "--teacher-ckpt", teacher, "--iters", "3", "--out", str(out))
@@ -127,7 +132,7 @@ def test_teacher_is_frozen(teacher, tmp_path):
     assert not tr.teacher.training and not any(m.training for m in tr.teacher.modules())
     loader = iter(__import__("engine.data", fromlist=["x"]).build_train_loader(tr.train_set, 2, workers=0))
     for it in range(2):
-        tr.train_step(next(loader), it)
+        tr.step(next(loader), it)
     for k, v in tr.teacher.state_dict().items():
         assert torch.equal(v, before[k]), f"teacher {k} changed (BN statistics included)"
     assert all(p.grad is None and not p.requires_grad for p in tr.teacher.parameters())
@@ -191,7 +196,7 @@ def test_bad_label_value_names_file_and_value(tmp_path):
 
 def test_non_finite_loss_names_iteration_and_term_and_keeps_checkpoint(teacher, tmp_path, monkeypatch):
     from engine.methods import kd as kd_module
-    from engine.trainer import NonFiniteLossError
+    from engine.meter import NonFiniteLossError
 
     calls = {"n": 0}
     original = kd_module.KD.forward

@@ -3,8 +3,8 @@
 Why an external source and not DALI's file readers: the batches must be those of the torch path, sample for
 sample. TrainBatchSampler (engine/data/loader.py) maps run iteration `it` straight to this rank's keys, and
 `sample_params` draws each key's AugParams from (seed, key); DALI's readers shuffle with their own RNG, shard
-with their own padding rules and can only resume by replaying. So one per-sample callback (`TrainSource`, run
-ahead of the pipeline by a pool of threads, see `Prefetcher`) turns sample n of the pipeline's stream into
+with their own padding rules and can only resume by replaying. So one per-sample callback (`TrainSampleReader`, run
+ahead of the pipeline by a pool of threads, see `ReadAhead`) turns sample n of the pipeline's stream into
 (iteration start_iter + n // B, slot n % B), reads that key's file and its AugParams, and hands DALI the encoded
 image plus the explicit parameters of every operator. Ranks are disjoint, resume is exact from any iteration,
 and the two loaders agree because they share the key stream, the augmentation RNG and the semantics of
@@ -65,7 +65,7 @@ def _read(dataset, i):
     return j, rgb, rgb.shape[:2], label
 
 
-class TrainSource:
+class TrainSampleReader:
     """Per-sample callback of the training pipeline: sample n is slot n % B of iteration start_iter + n // B.
 
     Stateless apart from a cache of the current epoch's shard, so threads may run it in any order.
@@ -110,7 +110,7 @@ class TrainSource:
         return tuple(a if a.ndim == 0 else np.ascontiguousarray(a) for a in outs)
 
 
-class EvalSource:
+class EvalSampleReader:
     """Per-sample callback of the evaluation pipeline: this rank's indices in order, as an endless stream of
     whole batches; the tail of the last batch repeats the last image and is cut off by DaliValLoader (a repeat
     of a real image never enlarges the batch's padded size)."""
@@ -157,7 +157,7 @@ def diagnose(source, batch_size, dataset, error):
         dataset.skip_log.record(e)
 
 
-class Prefetcher:
+class ReadAhead:
     """The batch callback of DALI's external source: batch b is samples b*B .. b*B + B - 1 of a per-sample
     source, computed by `workers` threads up to LOOKAHEAD batches ahead (none: in the caller's thread).
 
@@ -198,7 +198,7 @@ def _pipeline(batch_size, workers, device_id):
 
 def _source(callback, encoded, extra):
     """The external source nodes: image (encoded bytes or pixels), label [H, W, 1], index [1], then `extra`
-    ((dtype, ndim) each), fed a batch at a time by `callback` (a Prefetcher)."""
+    ((dtype, ndim) each), fed a batch at a time by `callback` (a ReadAhead)."""
     dtypes = [types.UINT8, types.UINT8, types.INT64] + [d for d, _ in extra]
     ndims = [1 if encoded else 3, 3, 1] + [n for _, n in extra]
     layouts = ["" if encoded else "HWC", "HWC", ""] + [""] * len(extra)
@@ -214,7 +214,7 @@ def _decode(image, encoded, gpu):
 
 
 def train_pipeline(feed, dataset, batch_size, workers, device_id):
-    """The training graph of the module docstring, fed by `feed` (a Prefetcher of a TrainSource)."""
+    """The training graph of the module docstring, fed by `feed` (a ReadAhead of a TrainSampleReader)."""
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     rotate = dataset.rotate > 0
     extra = [(types.FLOAT, 1)] * 3 + [(types.INT32, 0)] + ([(types.FLOAT, 2)] if rotate else [])
@@ -240,8 +240,8 @@ def train_pipeline(feed, dataset, batch_size, workers, device_id):
 
 
 def eval_pipeline(feed, dataset, batch_size, workers, device_id):
-    """Whole images, normalised, padded to the batch's largest (image 0, label 255); fed by a Prefetcher of an
-    EvalSource."""
+    """Whole images, normalised, padded to the batch's largest (image 0, label 255); fed by a ReadAhead of an
+    EvalSampleReader."""
     encoded, gpu = isinstance(dataset, FileSegmentation), device_id is not None
     pipe = _pipeline(batch_size, workers, device_id)
     with pipe:
@@ -280,7 +280,7 @@ class DaliTrainLoader:
     def _start(self):
         """(Re)build the pipeline so that its first batch is iteration self.it."""
         self.close()
-        self.feed = Prefetcher(TrainSource(self.dataset, self.sampler, self.it), self.batch_size, self.workers)
+        self.feed = ReadAhead(TrainSampleReader(self.dataset, self.sampler, self.it), self.batch_size, self.workers)
         self.pipe = train_pipeline(self.feed, self.dataset, self.batch_size, self.workers, self.device_id)
         self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
 
@@ -293,7 +293,7 @@ class DaliTrainLoader:
         except StopIteration:
             raise
         except Exception as error:  # a decoder or the Python source failed somewhere in the batches in flight
-            diagnose(TrainSource(self.dataset, self.sampler, self.it), self.batch_size, self.dataset, error)
+            diagnose(TrainSampleReader(self.dataset, self.sampler, self.it), self.batch_size, self.dataset, error)
             self._start()  # bad files skipped: the stream is a function of the iteration, restart exactly here
             return next(self)
         self.it += 1
@@ -348,7 +348,7 @@ class DaliValLoader:
     def _start(self):
         """(Re)build the pipeline so that its first batch is batch self._pulled of the endless stream."""
         self.close()
-        self.feed = Prefetcher(EvalSource(self.dataset, self.indices, self.batch_size, self._pulled),
+        self.feed = ReadAhead(EvalSampleReader(self.dataset, self.indices, self.batch_size, self._pulled),
                                self.batch_size, self.workers)
         self.pipe = eval_pipeline(self.feed, self.dataset, self.batch_size, self.workers, self.device_id)
         self._iter = DALIGenericIterator(self.pipe, OUTPUTS, prepare_first_batch=False)
@@ -359,7 +359,7 @@ class DaliValLoader:
         except StopIteration:
             raise
         except Exception as error:  # see DaliTrainLoader.__next__
-            source = EvalSource(self.dataset, self.indices, self.batch_size, self._pulled)
+            source = EvalSampleReader(self.dataset, self.indices, self.batch_size, self._pulled)
             diagnose(source, self.batch_size, self.dataset, error)
             self._start()
             return self._next()

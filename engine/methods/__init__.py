@@ -1,9 +1,17 @@
-"""Distillation methods: a plain dict from `--method` name to class, and `build_method` for `a+b` sums."""
+"""Distillation methods: a plain dict from `--method` name to class, `build_method` for `a+b` sums, and the
+run's MethodConfig assembled from every method's own settings dataclass.
+
+Adding a method is one new module (the Method subclass and, if it has settings, its dataclass) and one line
+in METHODS; its flags and its rows of the README's CLI table follow from its settings.
+"""
+import dataclasses
+
 import torch.nn as nn
 
 from engine.methods.angular import CAD, LAD, PAD
 from engine.methods.apd import APD
-from engine.methods.base import POSITIONS, Method, NoDistillation, SourceContext, TrainSource, segmentation_ce
+from engine.methods.base import (POSITIONS, Method, NoDistillation, SharedSettings, SourceContext, TrainSource,
+                                 segmentation_ce)
 from engine.methods.cwd import CWD
 from engine.methods.dfad import DFAD
 from engine.methods.dfss import DFSS
@@ -26,16 +34,37 @@ METHODS = {
 }
 
 
+def assemble_config(methods):
+    """The MethodConfig dataclass: SharedSettings' fields, then each method's settings fields in the order of
+    `methods` (a settings class shared by several methods, as lad/cad/pad share theirs, counts once). Two
+    methods declaring the same field name is a programming error, caught at import."""
+    owner, fields, seen = {}, [], set()
+    for name, settings in [("(shared)", SharedSettings)] + [(n, m.settings) for n, m in methods.items()]:
+        if settings is None or settings in seen:
+            continue
+        seen.add(settings)
+        for f in dataclasses.fields(settings):
+            if f.name in owner:
+                raise TypeError(f"method {name!r} declares setting {f.name!r}, already declared by {owner[f.name]!r}")
+            owner[f.name] = name
+            kept = ({"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING
+                    else {"default": f.default})
+            fields.append((f.name, f.type, dataclasses.field(metadata=f.metadata, **kept)))
+    return dataclasses.make_dataclass("MethodConfig", fields, namespace={"__module__": __name__})
+
+
+MethodConfig = assemble_config(METHODS)
+MethodConfig.__doc__ = "Every method's settings: the shared ones, then each method's own (see assemble_config)."
+
+
 class Combined(Method):
     """`a+b`: the sum of the distillation terms of several methods; each term is logged as `<method>/<term>`."""
 
     def __init__(self, parts):
         nn.Module.__init__(self)
         self.parts = nn.ModuleDict(parts)
-        self.name = "+".join(parts)
+        self.spec = "+".join(parts)
         self.needs_teacher = any(m.needs_teacher for m in parts.values())
-        self.data_free = any(m.data_free for m in parts.values())
-        self.ddp_static_graph = all(m.ddp_static_graph for m in parts.values())
 
     def forward(self, s, t, batch):
         return {f"{name}/{k}": v for name, m in self.parts.items() for k, v in m(s, t, batch).items()}
@@ -55,7 +84,7 @@ class Combined(Method):
         sources = {name: m.train_source(ctx) for name, m in self.parts.items()}
         sources = {name: s for name, s in sources.items() if s is not None}
         if len(sources) > 1:
-            raise ValueError(f"--method {self.name}: {' and '.join(sources)} each bring their own training inputs; "
+            raise ValueError(f"--method {self.spec}: {' and '.join(sources)} each bring their own training inputs; "
                              "combine at most one data-free method with others")
         return next(iter(sources.values()), None)
 
@@ -88,5 +117,5 @@ def build_method(cfg, student_channels, teacher_channels, num_classes, ignore_in
     return Combined(parts)
 
 
-__all__ = ["METHODS", "POSITIONS", "Method", "SourceContext", "TrainSource", "build_method", "method_needs_teacher",
-           "parse_method", "segmentation_ce"]
+__all__ = ["METHODS", "POSITIONS", "Method", "MethodConfig", "SourceContext", "TrainSource", "build_method",
+           "method_needs_teacher", "parse_method", "segmentation_ce"]

@@ -11,11 +11,23 @@ Defaults lambda_ad = 10, lambda_kd = 10 (the paper's), features from the last ba
 1x1 conv + BN + ReLU connector when the channel counts differ. The KD term is part of the method: `cad+kd`
 adds a second, Hinton KD term on top; `--ad-kd-weight 0` leaves the angular term alone.
 """
+from dataclasses import dataclass
+
 import kernels
 from engine.methods.base import FeatureMethod
+from engine.settings import setting
+
+
+@dataclass
+class AngularSettings:
+    """Shared by lad, cad and pad."""
+    ad_weight: float = setting(10.0, "lad/cad/pad: lambda_ad, weight of the angular term")
+    ad_kd_weight: float = setting(10.0, "lad/cad/pad: lambda_kd, weight of the per-pixel KD term that is part of "
+                                        "the method")
 
 
 class _Angular(FeatureMethod):
+    settings = AngularSettings
     mode = "layer"
 
     def forward(self, s, t, batch):
@@ -27,12 +39,12 @@ class _Angular(FeatureMethod):
 
 
 class LAD(_Angular):
-    name, mode = "lad", "layer"
+    mode = "layer"
 
 
 class CAD(_Angular):
-    name, mode = "cad", "channel"
+    mode = "channel"
 
 
 class PAD(_Angular):
-    name, mode = "pad", "point"
+    mode = "point"

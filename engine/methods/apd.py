@@ -18,12 +18,23 @@ No gradient of L_kd, L_rec or L_ob reaches P_t, A_t or p_a,t: the teacher side e
 The term `apd/teacher_proj` (L_t) is added to the trainer's total only so one backward serves both: its
 gradient reaches P_t alone (the teacher is frozen and runs without autograd), whose Adam is the method's own.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
 from engine.methods.base import Method, labels_at, segmentation_ce
+from engine.settings import setting
+
+
+@dataclass
+class APDSettings:
+    apd_kd_weight: float = setting(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)")
+    apd_rec_weight: float = setting(10.0, "apd: lambda_rec, weight of the prototype reconstruction term")
+    apd_tau: float = setting(0.1, "apd: temperature of the prototype cosine similarities")
+    apd_teacher_lr: float = setting(1e-5, "apd: Adam learning rate of the teacher projector P_t")
 
 
 def projector(c_in, c_out):
@@ -31,7 +42,7 @@ def projector(c_in, c_out):
 
 
 class APD(Method):
-    name = "apd"
+    settings = APDSettings
     positioned = True
     default_position = "decoder"
 

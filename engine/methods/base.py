@@ -9,15 +9,33 @@ projectors): by default they join the student's SGD; a part with its own optimiz
 A data-free method (dfad, dfss) also brings its training inputs: `train_source(ctx)` returns a TrainSource
 that replaces the labelled loader and may run an update of its own after each student step (a generator
 step). The trainer treats every source alike; see TrainSource.
+
+A method's settings are a small dataclass in its own module (`settings = KDSettings`, say); every method's
+fields, after the shared ones below, make up the run's MethodConfig (engine/methods/__init__.py), from which
+the flags and the README's CLI table are generated. A method reads them from the MethodConfig it is given.
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.settings import setting
+
 POSITIONS = ("backbone", "decoder", "logits")
+
+
+@dataclass
+class SharedSettings:
+    """The settings every method may read, first in MethodConfig."""
+    method: str = setting("cad", "distillation method, or several joined by '+' (e.g. cad+kd); 'none' trains with "
+                                 "CE only")
+    position: str = setting("", "where feature methods distil: backbone|decoder|logits (empty: the method's "
+                                "default)")
+    temperature: float = setting(1.0, "softmax temperature T of the per-pixel KD term (kd, and the KD term of "
+                                      "lad/cad/pad/apd)")
 
 
 @dataclass
@@ -30,6 +48,7 @@ class SourceContext:
     out: Any            # the run directory (pathlib.Path); may not exist yet
     echo: Callable      # print on rank 0, silent elsewhere
     dtype: Any = None   # autocast dtype of the training step (torch.bfloat16 / float16), None for fp32
+    cache_dir: Path = None  # where results reusable across runs may be cached (--cache-dir)
 
 
 class TrainSource:
@@ -72,14 +91,12 @@ class TrainSource:
 
 
 class Method(nn.Module):
-    name = "none"
+    """Every method gives gradients to the same parameters at every step (DDP runs with static_graph)."""
+
+    settings = None     # the method's own settings dataclass (None: it has none)
     needs_teacher = True
     default_position = "logits"
     positioned = False  # True for methods that honour --position
-    data_free = False   # True for methods that train on their own inputs (train_source), never on the labelled split
-    # DDP static_graph: every step gives gradients to the same parameters. A method whose set of used
-    # parameters changes between steps sets False (the trainer then also searches for unused parameters).
-    ddp_static_graph = True
 
     def __init__(self, cfg, student_channels, teacher_channels, num_classes, ignore_index=255):
         """cfg: MethodConfig; *_channels: the models' `channels` dicts ({"backbone": C, "decoder": C, "logits": K})."""
@@ -169,5 +186,4 @@ def segmentation_ce(logits, labels, ignore_index=255):
 class NoDistillation(Method):
     """`none`: cross-entropy only (the student alone, and how teachers are trained)."""
 
-    name = "none"
     needs_teacher = False

@@ -6,12 +6,21 @@ Prediction", ICCV 2021): each channel's activation map, softmax-normalised over 
 (kernels.channel_kl). Defaults T = 4, weight 3 on logits: CWD's own (their code divides by N*C exactly
 as here). `--position backbone|decoder` distils features instead, through a connector if needed.
 """
+from dataclasses import dataclass
+
 import kernels
 from engine.methods.base import FeatureMethod
+from engine.settings import setting
+
+
+@dataclass
+class CWDSettings:
+    cwd_weight: float = setting(3.0, "cwd: weight of the channel-wise KL")
+    cwd_temperature: float = setting(4.0, "cwd: temperature of the spatial softmax")
 
 
 class CWD(FeatureMethod):
-    name = "cwd"
+    settings = CWDSettings
     default_position = "logits"
 
     def forward(self, s, t, batch):

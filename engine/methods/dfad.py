@@ -22,6 +22,7 @@ replays the same latents; the checkpoint carries G, its BN statistics and its Ad
 rank generates its own batch and the generator's gradients are averaged over the ranks.
 """
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,14 +32,33 @@ from engine import dist
 from engine.datafree.bn_hooks import batch_prior, bn_inputs
 from engine.datafree.generator import Generator
 from engine.methods.base import Method, TrainSource
-from engine.speed import autocast
+from engine.precision import autocast
+from engine.settings import parse_size, setting
 
 STUDENT_STREAM, GENERATOR_STREAM = 0, 1
 
 
+@dataclass
+class DFADSettings:
+    """Where dfad's training inputs come from (docs/datafree.md)."""
+    gen_nz: int = setting(256, "dfad: size nz of the generator's latent z ~ N(0, 1)")
+    gen_size: tuple = setting((128, 128), "dfad: generated image HEIGHT,WIDTH, multiples of 16 (replaces --crop in "
+                                          "training)", parse=parse_size)
+    gen_batch: int = setting(64, "dfad: generated images per student step and per generator step, per process "
+                                 "(replaces --batch-size in training)")
+    gen_every: int = setting(5, "dfad: k, student steps (iterations) per generator step")
+    gen_lr: float = setting(1e-3, "dfad: Adam learning rate of the generator (constant)")
+    dfad_lr: float = setting(0.1, "dfad: student SGD learning rate (replaces --lr; the poly schedule applies, "
+                                  "--poly-power 0 keeps it constant as DFAD's code does)")
+    dfad_weight_decay: float = setting(5e-4, "dfad: student SGD weight decay (replaces --weight-decay)")
+    bn_weight: float = setting(0.0, "dfad: weight of the DeepInversion BN-statistics term in the generator loss "
+                                    "(0: off)")
+    bn_first_weight: float = setting(10.0, "dfad: multiplier of the first teacher BN layer in that term "
+                                           "(DeepInversion: 10)")
+
+
 class DFAD(Method):
-    name = "dfad"
-    data_free = True
+    settings = DFADSettings
 
     def forward(self, s, t, batch):
         return {"l1": F.l1_loss(s.logits.float(), t.logits.float())}
@@ -53,7 +73,7 @@ class GeneratorSource(TrainSource):
     phase = "generator step"
 
     def __init__(self, ctx):
-        df, env = ctx.cfg.datafree, ctx.env
+        df, env = ctx.cfg.method, ctx.env
         for flag, v in (("--gen-nz", df.gen_nz), ("--gen-batch", df.gen_batch), ("--gen-every", df.gen_every)):
             if v < 1:
                 raise ValueError(f"{flag} must be >= 1, got {v}")

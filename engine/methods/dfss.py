@@ -18,6 +18,7 @@ weighted per image. Batches come from the pool through the key-based augmentatio
 """
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,34 @@ from engine.datafree.ads import check_view, keep_count, pool_scores, score_pool,
 from engine.datafree.bn_hooks import parse_layers
 from engine.datafree.pool import ImagePool, PoolBatchSampler, list_images, pool_digest, pool_loader
 from engine.methods.base import Method, TrainSource
+from engine.settings import setting
+
+
+@dataclass
+class DFSSSettings:
+    """Where dfss's training inputs come from (docs/datafree.md); its KD term uses kd's --kd-weight and the
+    shared --temperature."""
+    aux_data: str = setting("", "dfss: folder of unlabelled auxiliary images (searched recursively for "
+                                ".jpg/.jpeg/.png)")
+    ads_layers: str = setting("all", "dfss: teacher BN layers whose input statistics score an image: all|first|"
+                                     "last-K (in execution order)")
+    ads_keep: float = setting(0.5, "dfss: images kept from the pool, the lowest-scored: a fraction if <= 1, a "
+                                   "count if > 1")
+    ads_batch: int = setting(16, "dfss: images per scoring batch")
+    ads_view: str = setting("crop", "dfss: what the teacher scores: crop (each image resized to cover --crop, "
+                                    "centre crop: the input size its BN statistics were gathered at) or whole "
+                                    "(the whole image)")
+    ads_max_side: int = setting(0, "dfss: --ads-view whole: images with a longer side above this are downscaled "
+                                   "for scoring (0: never)")
+    wdpd_alpha: float = setting(0.5, "dfss: fraction of --iters after which the sample weights are uniform "
+                                     "(0: uniform from the start)")
+    wdpd_schedule: str = setting("linear", "dfss: linear (weights move from w0 to uniform) or threshold (samples "
+                                           "admitted in order of distance)")
+    wdpd_start: float = setting(0.25, "dfss: threshold schedule: fraction of the kept images admitted at the start")
 
 
 class DFSS(Method):
-    name = "dfss"
-    data_free = True
+    settings = DFSSSettings
 
     def forward(self, s, t, batch):
         b = s.logits.shape[0]
@@ -56,7 +80,7 @@ class PoolSource(TrainSource):
     prefetch = True  # the weights follow the iteration number only
 
     def __init__(self, ctx):
-        df = ctx.cfg.datafree
+        df = ctx.cfg.method
         if not df.aux_data:
             raise ValueError("--method dfss needs --aux-data DIR: a folder of unlabelled images to select from")
         wdpd.check_schedule(df.wdpd_schedule, df.wdpd_alpha, df.wdpd_start)
@@ -75,13 +99,12 @@ class PoolSource(TrainSource):
         picked = None
         if ctx.env.is_main:
             from engine.datafree.pictures import plot_histogram, plot_selection
-            from engine.train import cache_dir
 
             scores = pool_scores(ctx.teacher.model, ctx.cfg.model.teacher_ckpt, self.root, self.files,
                                  pool_digest(self.root, self.files), layers=df.ads_layers, view=df.ads_view,
                                  crop=ctx.cfg.data.crop, max_side=df.ads_max_side, batch_size=df.ads_batch,
                                  device=ctx.env.device,
-                                 workers=ctx.cfg.data.workers, fallback_dir=cache_dir(ctx.cfg), echo=ctx.echo)
+                                 workers=ctx.cfg.data.workers, fallback_dir=ctx.cache_dir, echo=ctx.echo)
             kept = select(scores, df.ads_keep)
             out = Path(ctx.out)
             out.mkdir(parents=True, exist_ok=True)

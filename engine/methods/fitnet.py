@@ -6,13 +6,21 @@ ICLR 2015; as the raw-feature baseline of Liu et al., WACV 2024).
 r is a 1x1 conv + BN + ReLU connector when channel counts differ. Default position: last backbone stage;
 default weight 1 (the mean over all elements, as F.mse_loss with reduction='mean').
 """
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 from engine.methods.base import FeatureMethod
+from engine.settings import setting
+
+
+@dataclass
+class FitNetSettings:
+    fitnet_weight: float = setting(1.0, "fitnet: weight of the feature MSE")
 
 
 class FitNet(FeatureMethod):
-    name = "fitnet"
+    settings = FitNetSettings
 
     def forward(self, s, t, batch):
         fs, ft = self.pair(s, t)

@@ -6,12 +6,21 @@ Defaults: T = 1, kd_weight = 1. CIRKD's CriterionKD computes the same quantity (
 over the [B*H*W, C] permuted logits, times T^2), so its lambda_kd = 1 carries over unchanged. Distilled at
 feature resolution (the logits every model returns), not after upsampling: the same distributions, 64x cheaper.
 """
+from dataclasses import dataclass
+
 import kernels
 from engine.methods.base import Method
+from engine.settings import setting
+
+
+@dataclass
+class KDSettings:
+    kd_weight: float = setting(1.0, "kd: weight of T^2-scaled per-pixel KL (CIRKD/SKD use 1 at T = 1); also dfss's "
+                                    "KD weight")
 
 
 class KD(Method):
-    name = "kd"
+    settings = KDSettings
 
     def forward(self, s, t, batch):
         return {"kd": self.cfg.kd_weight * kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature)}

@@ -5,11 +5,19 @@ Distillation with Raw Features for Semantic Segmentation", WACV 2024).
 
 The complement of angular distillation (lad/cad/pad), which matches only the direction. Default weight 1.
 """
+from dataclasses import dataclass
+
 from engine.methods.base import FeatureMethod
+from engine.settings import setting
+
+
+@dataclass
+class MDSettings:
+    md_weight: float = setting(1.0, "md: weight of the magnitude term")
 
 
 class MD(FeatureMethod):
-    name = "md"
+    settings = MDSettings
 
     def forward(self, s, t, batch):
         fs, ft = self.pair(s, t)
