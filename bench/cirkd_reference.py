@@ -21,7 +21,7 @@ pixel-to-prototype cosines and CIRKD's permute-based KL for the observations.
 
 Every criterion computes the same value as segkd's method of the same name (engine/methods/*.py with the
 kernels in kernels/*.py), with the weights of engine.config.MethodConfig; where CIRKD's code normalises
-differently, the comment says what was changed so that they agree. tests/test_throughput_bench.py checks it.
+differently, the comment says what was changed so that they agree. tests/bench/test_train_throughput.py checks it.
 """
 import time
 

@@ -39,7 +39,7 @@ What a pixel's class takes to recognise:
 - patch in ring versus patch outside ring (6 vs 7): identical in size, hue (any), family (any) and immediate
   surroundings (background); only the ring around it, whose inner edge lies 2-16 px beyond the patch,
   separates them, so this takes a receptive field of about 60 px and a network able to relate the ring to the patch. A small
-  student learns these two classes last (see tests/test_data.py for the check that no local statistic
+  student learns these two classes last (see tests/engine/data/test_data.py for the check that no local statistic
   separates them).
 """
 import colorsys

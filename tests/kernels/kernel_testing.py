@@ -1,4 +1,6 @@
-"""Shared helpers for the kernel tests: devices, dtypes, random inputs, and the fused-vs-reference check."""
+"""Shared helpers for the kernel tests: devices, dtypes, random inputs, the fused-vs-reference check, and the
+float64 numpy building blocks of the checks against independent formulas."""
+import numpy as np
 import torch
 
 import kernels._dispatch as dispatch
@@ -72,3 +74,25 @@ def compare(fused, reference, inputs, grad_idx=(0,), go=GO, seed=0):
     for i, o, r, s in zip(grad_idx, ours_g, ref_g, same_g):
         _check(f"grad of input {i}", o, r, s)
     return ours, ours_g
+
+
+# ---------------------------------------------------------------- float64 numpy formulas
+RNG = np.random.default_rng
+
+
+def softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def unit(v):
+    n = np.sqrt((v * v).sum())
+    return v / max(n, 1e-6)
+
+
+def t64(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# the shapes of the random checks against the numpy formulas
+NUMPY_SHAPES = [(2, 5, 3, 4), (1, 11, 5, 7), (3, 19, 2, 3)]

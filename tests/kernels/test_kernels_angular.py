@@ -1,7 +1,10 @@
+"""kernels/angular.py: the fused op against its torch reference and against float64 numpy formulas."""
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DTYPES, compare, randn
+import kernels
+from kernel_testing import DTYPES, NUMPY_SHAPES, RNG, compare, randn, t64, unit
 from kernels import angular_loss
 from kernels.angular import MODES, angular_loss_reference
 
@@ -58,3 +61,50 @@ def test_unknown_mode_is_named():
 def test_larger_shapes(fused, dtype, mode):
     s, t = randn(2, 96, 33, 65, dtype=dtype), randn(2, 96, 33, 65, dtype=dtype)
     compare(lambda s, t: angular_loss(s, t, mode), lambda s, t: angular_loss_reference(s, t, mode), [s, t])
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def np_angular(s, t, mode):
+    b, c, h, w = s.shape
+    per = []
+    for i in range(b):
+        if mode == "layer":
+            per.append(((unit(s[i].ravel()) - unit(t[i].ravel())) ** 2).sum())
+        elif mode == "channel":
+            per.append(sum(((unit(s[i, k].ravel()) - unit(t[i, k].ravel())) ** 2).sum() for k in range(c)) / c)
+        else:
+            per.append(sum(((unit(s[i, :, y, x]) - unit(t[i, :, y, x])) ** 2).sum()
+                           for y in range(h) for x in range(w)) / (h * w))
+    return np.mean(per)
+
+
+@pytest.mark.parametrize("mode", ["layer", "channel", "point"])
+@pytest.mark.parametrize("shape", NUMPY_SHAPES)
+def test_angular_random(mode, shape):
+    r = RNG(11 + sum(shape))
+    s, t = r.normal(0, 1, shape), r.normal(0, 1, shape)
+    got = kernels.angular_loss(t64(s).float(), t64(t).float(), mode)
+    assert got.item() == pytest.approx(np_angular(s, t, mode), rel=1e-4)
+
+
+def test_angular_by_hand():
+    # one sample, C = 2, one pixel: s = (1, 0), t = (0, 1) -> ||e1 - e2||^2 = 2 in every mode where the vector
+    # is the pixel (point, layer); per channel each 1-vector normalises to +-1 or 0.
+    s = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)
+    t = torch.tensor([0.0, 1.0]).reshape(1, 2, 1, 1)
+    assert kernels.angular_loss(s, t, "point").item() == pytest.approx(2.0)
+    assert kernels.angular_loss(s, t, "layer").item() == pytest.approx(2.0)
+    # channel: c0: n(1)=1 vs n(0)=0 -> 1; c1: 0 vs 1 -> 1; mean over C -> 1
+    assert kernels.angular_loss(s, t, "channel").item() == pytest.approx(1.0)
+    # magnitude is ignored: scaling the student changes nothing
+    assert kernels.angular_loss(5 * s + 0, s, "layer").item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_angular_zero_norm_no_nan():
+    s = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4, 4)
+    for mode in ("layer", "channel", "point"):
+        loss = kernels.angular_loss(s, t, mode)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+        s.grad = None

@@ -1,7 +1,10 @@
+"""kernels/bn_stat.py: the fused op against its torch reference and against float64 numpy formulas."""
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, compare, randn
+import kernels
+from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, t64
 from kernels import bn_stat_distance
 from kernels.bn_stat import bn_stat_distance_reference
 
@@ -52,3 +55,18 @@ def test_running_stats_requiring_grad_take_the_exact_reference(fused):
 def test_larger_shapes(fused, dtype):
     x = randn(4, 64, 65, 97, dtype=dtype)
     compare(bn_stat_distance, bn_stat_distance_reference, [x, randn(64), randn(64).abs()])
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def test_bn_stat_distance_random_and_by_hand():
+    r = RNG(5)
+    x = r.normal(1, 2, (3, 4, 5, 6))
+    rm, rv = r.normal(0, 1, 4), r.random(4) + 0.5
+    got = kernels.bn_stat_distance(t64(x).float(), t64(rm).float(), t64(rv).float())
+    mean = x.mean((2, 3))
+    var = ((x - mean[..., None, None]) ** 2).mean((2, 3))
+    want = np.linalg.norm(mean - rm, axis=1) + np.linalg.norm(var - rv, axis=1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    # by hand: one channel, values 0 and 2 -> mean 1, biased var 1; running stats (0, 0) -> 1 + 1
+    x1 = torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2)
+    assert kernels.bn_stat_distance(x1, torch.zeros(1), torch.zeros(1)).item() == pytest.approx(2.0)

@@ -1,7 +1,12 @@
+"""kernels/channel_kl.py: the fused op against its torch reference and against float64 numpy formulas."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DTYPES, compare, randn
+import kernels
+from kernel_testing import DTYPES, NUMPY_SHAPES, RNG, compare, randn, softmax, t64
 from kernels import channel_kl
 from kernels.channel_kl import channel_kl_reference
 
@@ -52,3 +57,26 @@ def test_teacher_requiring_grad_takes_the_exact_reference(fused):
 def test_larger_shapes(fused, dtype):
     s, t = randn(2, 19, 97, 129, dtype=dtype, scale=3), randn(2, 19, 97, 129, dtype=dtype, scale=3)
     compare(channel_kl, channel_kl_reference, [s, t])
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def np_channel_kl(s, t, T):
+    b, c = s.shape[:2]
+    qs, qt = softmax(s.reshape(b, c, -1) / T, 2), softmax(t.reshape(b, c, -1) / T, 2)
+    return T * T * (qt * (np.log(qt) - np.log(qs))).sum() / (b * c)
+
+
+@pytest.mark.parametrize("shape", NUMPY_SHAPES)
+def test_channel_kl_random(shape):
+    r = RNG(7 + sum(shape))
+    s, t = r.normal(0, 2, shape), r.normal(0, 2, shape)
+    got = kernels.channel_kl(t64(s).float(), t64(t).float(), 4.0)
+    assert got.item() == pytest.approx(np_channel_kl(s, t, 4.0), rel=1e-4, abs=1e-7)
+
+
+def test_channel_kl_by_hand():
+    # one channel over 2 positions, T = 1: q_t = (3/4, 1/4), q_s uniform; B*C = 1
+    s = torch.zeros(1, 1, 1, 2)
+    t = torch.tensor([math.log(3.0), 0.0]).reshape(1, 1, 1, 2)
+    want = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kernels.channel_kl(s, t, 1.0).item() == pytest.approx(want, rel=1e-6)

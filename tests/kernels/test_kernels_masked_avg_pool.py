@@ -1,7 +1,10 @@
+"""kernels/masked_avg_pool.py: the fused op against its torch reference and against float64 numpy formulas."""
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, compare, randn
+import kernels
+from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, t64
 from kernels import masked_avg_pool
 from kernels.masked_avg_pool import masked_avg_pool_reference
 
@@ -70,3 +73,28 @@ def test_larger_shapes(fused, dtype, k):
     lab = labels_for(2, 33, 65, k)
     compare(lambda f: masked_avg_pool(f, lab, k), lambda f: masked_avg_pool_reference(f, lab, k),
             [randn(2, 130, 33, 65, dtype=dtype)])
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def test_masked_avg_pool_random_and_absent():
+    r = RNG(3)
+    b, c, h, w, k = 2, 6, 5, 7, 5
+    f = r.normal(0, 1, (b, c, h, w))
+    lab = r.integers(0, k - 1, (b, h, w))  # class k-1 never appears
+    lab[0, 0, :] = 255
+    protos, counts = kernels.masked_avg_pool(t64(f).float(), t64(lab), k)
+    for i in range(b):
+        for cls in range(k):
+            m = lab[i] == cls
+            assert counts[i, cls].item() == m.sum()
+            want = f[i][:, m].mean(1) if m.any() else np.zeros(c)
+            np.testing.assert_allclose(protos[i, cls].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(protos).all()
+
+
+def test_masked_avg_pool_by_hand():
+    f = torch.tensor([[1.0, 3.0], [10.0, 20.0]]).reshape(1, 1, 2, 2)  # values 1, 3, 10, 20
+    lab = torch.tensor([[0, 0], [1, 255]]).reshape(1, 2, 2)
+    protos, counts = kernels.masked_avg_pool(f, lab, 3)
+    assert protos[0, :, 0].tolist() == [2.0, 10.0, 0.0]
+    assert counts[0].tolist() == [2.0, 1.0, 0.0]

@@ -1,7 +1,12 @@
+"""kernels/pixel_kl.py: the fused op against its torch reference and against float64 numpy formulas."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, compare, randn
+import kernels
+from kernel_testing import DEVICE, DTYPES, NUMPY_SHAPES, RNG, compare, randn, softmax, t64
 from kernels import pixel_kl
 from kernels.pixel_kl import pixel_kl_reference
 
@@ -78,3 +83,43 @@ def test_larger_shapes(fused, c, dtype):
     s, t = randn(2, c, 33, 65, dtype=dtype, scale=4), randn(2, c, 33, 65, dtype=dtype, scale=4)
     valid = torch.rand(2, 33, 65, device=DEVICE) > 0.1
     compare(lambda s, t: pixel_kl(s, t, 1.5, valid), lambda s, t: pixel_kl_reference(s, t, 1.5, valid), [s, t])
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def np_pixel_kl(s, t, T, valid=None):
+    ps, pt = softmax(s / T, 1), softmax(t / T, 1)
+    kl = (pt * (np.log(pt) - np.log(ps))).sum(1)  # [B, H, W]
+    if valid is None:
+        return T * T * kl.mean()
+    return T * T * kl[valid].sum() / max(valid.sum(), 1)
+
+
+@pytest.mark.parametrize("shape", NUMPY_SHAPES)
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_pixel_kl_random(shape, T):
+    r = RNG(sum(shape))
+    s, t = r.normal(0, 3, shape), r.normal(0, 3, shape)
+    valid = r.random((shape[0],) + shape[2:]) > 0.3
+    got = kernels.pixel_kl(t64(s).float(), t64(t).float(), T)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(np_pixel_kl(s, t, T), rel=1e-4, abs=1e-6)
+    got_v = kernels.pixel_kl(t64(s).float(), t64(t).float(), T, valid=t64(valid))
+    assert got_v.item() == pytest.approx(np_pixel_kl(s, t, T, valid), rel=1e-4, abs=1e-6)
+
+
+def test_pixel_kl_by_hand():
+    # 2 classes, one pixel: p_t = (3/4, 1/4), p_s = (1/2, 1/2)
+    s = torch.zeros(1, 2, 1, 1)
+    t = torch.tensor([math.log(3.0), 0.0]).reshape(1, 2, 1, 1)
+    want = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kernels.pixel_kl(s, t).item() == pytest.approx(want, rel=1e-6)
+    # T = 2 scales logits by 1/2 and the result by 4
+    p = 1 / (1 + math.exp(-math.log(3.0) / 2))
+    want2 = 4 * (p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p)))
+    assert kernels.pixel_kl(s, t, 2.0).item() == pytest.approx(want2, rel=1e-6)
+
+
+def test_pixel_kl_no_valid_pixel_is_zero():
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    out = kernels.pixel_kl(s, t, 1.0, valid=torch.zeros(2, 3, 3, dtype=torch.bool))
+    assert out.item() == 0.0

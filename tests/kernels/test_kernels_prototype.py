@@ -1,7 +1,10 @@
+"""kernels/prototype.py: the fused op against its torch reference and against float64 numpy formulas."""
+import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, compare, randn
+import kernels
+from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, softmax, t64, unit
 from kernels import prototype_kl
 from kernels.prototype import prototype_kl_reference
 
@@ -73,3 +76,25 @@ def test_larger_shapes(fused, dtype, k):
             lambda fs, ft, ps, pt: prototype_kl_reference(fs, ft, ps, pt, present, 0.1),
             [randn(2, 128, 33, 41, dtype=dtype), randn(2, 128, 33, 41, dtype=dtype), randn(2, k, 128),
              randn(2, k, 128)], grad_idx=(0, 2))
+
+
+# ---------------------------------------------------------------- against float64 numpy formulas
+def test_prototype_observation_kl_matches_formula():
+    r = RNG(9)
+    b, d, h, w, k, tau = 2, 4, 3, 5, 4, 0.1
+    fs, ft = r.normal(0, 1, (b, d, h, w)), r.normal(0, 1, (b, d, h, w))
+    a_s, a_t = r.normal(0, 1, (b, k, d)), r.normal(0, 1, (b, k, d))
+    present = np.array([[True, False, True, True], [False, True, True, False]])
+    got = kernels.prototype_kl(t64(fs).float(), t64(ft).float(), t64(a_s).float(), t64(a_t).float(),
+                               t64(present), tau)
+    total = 0.0
+    for i in range(b):
+        idx = np.flatnonzero(present[i])
+        for y in range(h):
+            for x in range(w):
+                def obs(f, a):
+                    cos = np.array([unit(f[i, :, y, x]) @ unit(a[i, j]) for j in idx]) / tau
+                    return softmax(cos, 0)
+                pt, ps = obs(ft, a_t), obs(fs, a_s)
+                total += (pt * (np.log(pt) - np.log(ps))).sum()
+    assert got.item() == pytest.approx(total / (b * h * w), rel=1e-4)

@@ -16,7 +16,7 @@ from engine.data.pascal_context import convert
 from engine.data.synthetic import PATCH_IN, PATCH_OUT, SyntheticSegmentation, generate
 from fake_datasets import make_ade20k, make_camvid, make_cityscapes, make_pascal_context, make_voc
 
-CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "camvid"
+CAMVID = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "camvid"
 
 
 def small_synthetic(length=26, **kw):

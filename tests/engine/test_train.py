@@ -14,7 +14,7 @@ from engine.checkpoint import load_checkpoint
 from engine.methods import METHODS, Method
 from engine.train import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
 
 
@@ -30,7 +30,8 @@ def teacher(tmp_path_factory):
     return str(tmp / "t" / "last.pt")
 
 
-# Data-free methods train on inputs of their own, without cross-entropy: tests/test_datafree.py runs them.
+# Data-free methods train on inputs of their own, without cross-entropy:
+# tests/engine/datafree/test_datafree_runs.py runs them.
 def brings_inputs(cls):
     """A data-free method: it trains on inputs of its own (a TrainSource), not on the labelled split."""
     return cls.train_source is not Method.train_source

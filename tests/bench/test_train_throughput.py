@@ -13,7 +13,7 @@ from engine.config import MethodConfig
 from engine.methods import build_method
 from engine.methods.base import segmentation_ce
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import cirkd_reference as ref  # noqa: E402

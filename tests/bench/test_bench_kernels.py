@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end (tiny shapes) and writes its table; GPU figures are not checked here."""
+"""bench/bench_kernels.py runs end to end (tiny shapes) and writes its table; GPU figures are not checked here."""
 import json
 import os
 import subprocess

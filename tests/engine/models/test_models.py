@@ -11,7 +11,7 @@ from engine.models.mobilenetv2 import MobileNetV2
 from engine.models.resnet import resnet18, resnet50, resnet101
 
 # Written from torchvision's definitions by tests/data/make_torchvision_backbone_keys.py (no engine code).
-KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "torchvision_backbone_keys.json")
+KEYS_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "data", "torchvision_backbone_keys.json")
 with open(KEYS_FILE) as f:
     TORCHVISION_KEYS = json.load(f)
 

@@ -53,7 +53,7 @@ def test_terms_finite_and_gradients_reach_student_and_method(name):
     assert any(v.grad is not None and v.grad.abs().sum() > 0 for v in s), "no gradient reached the student"
     trainable = [p for p in m.parameters() if p.requires_grad]
     # logit methods: equal class counts need no connector; data-free methods own no trainable part here
-    # (dfad's generator lives in its training source, tests/test_datafree.py)
+    # (dfad's generator lives in its training source, tests/engine/methods/test_dfad.py)
     if name not in ("kd", "cwd") and METHODS[name].train_source is Method.train_source:  # not data-free
         assert trainable, f"{name} should own a connector or projectors here"
     for p in trainable:

@@ -1,8 +1,8 @@
-"""Run under `torchrun --nproc-per-node=2` by tests/test_speed.py: every method, one launch (a launch costs
+"""Run under `torchrun --nproc-per-node=2` by tests/engine/test_ddp.py: every method, one launch (a launch costs
 seconds; a method's two iterations cost less). Each rank draws different batches, so the ranks' students
 agree after training only if DDP averaged the gradients (and the data-free sources their own).
 
-    torchrun --standalone --nproc-per-node=2 tests/ddp_all_methods.py WORKDIR TEACHER_CKPT AUX_DIR
+    torchrun --standalone --nproc-per-node=2 tests/engine/ddp_all_methods.py WORKDIR TEACHER_CKPT AUX_DIR
 Rank 0 writes WORKDIR/ddp_methods.json: {method: {"max_rank_difference": float, "loss": float, ...}}.
 """
 import dataclasses
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
