@@ -97,6 +97,22 @@ def run(name, argv, log_dir):
     return result, wall
 
 
+def random_student_miou(arch, data, device):
+    """mIoU on the val frames of the student as the trainer initialises it (seed 0) before any step."""
+    from engine.data import build_dataset, build_val_loader
+    from engine.dist import init_distributed
+    from engine.evaluate import evaluate
+    from engine.models import build_model
+
+    dev = init_distributed(device).device
+    torch.manual_seed(0)
+    val = build_dataset("camvid", "val", root=str(data))
+    model = build_model(arch, val.num_classes).to(dev)
+    result = evaluate(model, build_val_loader(val, 8, workers=0), val.num_classes, dev, ignore_index=val.ignore_index)
+    print(f"random: val mIoU {100 * result['miou']:.1f}", flush=True)
+    return result["miou"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--camvid", default=str(ROOT.parent / "shared" / "datasets" / "camvid"))
@@ -154,8 +170,7 @@ def main():
     }
     for name, extra in students.items():
         rows[name], timings[name] = run(name, [*common, *extra, "--out", str(runs / name)], logs)
-    random_miou = run("random", [*common, "--method", "none", "--iters", "0", "--out", str(runs / "random")],
-                      logs)[0]["miou"]
+    random_miou = random_student_miou(args.student, data, args.device)
 
     record = json.loads((runs / "dfss" / "ads_scores.json").read_text())
     files, scores, kept = record["files"], np.array(record["scores"]), np.array(record["kept"])

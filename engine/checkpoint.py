@@ -17,6 +17,7 @@ A checkpoint is a plain dict of tensors and plain Python values, so it loads wit
 
 A run directory holds ckpt_<iteration>.pt (the newest --keep-ckpts) and last.pt, a hard link to the newest.
 """
+import errno
 import os
 import random
 from pathlib import Path
@@ -24,11 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.errors import DiskFullError, SegkdError, first_line
+
 FORMAT = "segkd-checkpoint-v1"
 
 
+TEMPORARY = (".ckpt_*.pt.*.tmp", ".last.pt.*.tmp")  # what save_atomic / link_atomic write before the rename
+
+
 def save_atomic(obj, path):
-    """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new one."""
+    """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new one. A failed
+    write (disk full, quota, I/O error) removes its temporary file and raises one clear error naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -38,10 +45,37 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(e, path) from e
+    except RuntimeError as e:  # torch.save reports a failed write of its zip stream as a RuntimeError
+        if "write" not in str(e).lower() and "file" not in str(e).lower():
+            raise
+        raise write_error(OSError(errno.EIO, str(e)), path) from e
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def write_error(error, path):
+    """The one error of a failed checkpoint write: disk full named as such, anything else with its reason."""
+    kept = f"earlier checkpoints in {path.parent} are intact and no partial file was left"
+    no_space = error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    if no_space:
+        return DiskFullError(f"no space left on the device while writing the checkpoint {path}; {kept}. Free some "
+                             "space (or choose another --out) and run the same command again to resume")
+    return SegkdError(f"could not write the checkpoint {path} ({error.strerror or error}); {kept}")
+
+
+def remove_stale_temporaries(folder):
+    """Temporary files of saves interrupted by a kill (a completed or failed save removes its own): called by the
+    one process that holds the run directory (engine/runlock.py), so none of them is being written."""
+    removed = 0
+    for pattern in TEMPORARY:
+        for tmp in Path(folder).glob(pattern):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def link_atomic(src, dst):
@@ -51,11 +85,15 @@ def link_atomic(src, dst):
     if tmp.exists():
         tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, dst) from e
     _fsync_dir(dst.parent)
 
 
@@ -80,7 +118,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, ...
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
+        raise ValueError(f"checkpoint {path} could not be read ({first_line(e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a segkd checkpoint (no '{FORMAT}' marker); a raw state dict can be "
                          "given as --teacher-ckpt, not to --resume or evaluate.py")
@@ -128,8 +166,24 @@ def resume_path(spec, out):
     return path
 
 
+# Settings a resume may change: where things are and how the run is driven, never what is trained or how.
+# --iters may change too (a run is extended or shortened; the poly schedule then runs to the new end).
+NOT_SHAPING = {
+    "model": {"teacher_ckpt", "pretrained_backbone"},
+    "data": {"data_root", "workers", "loader", "skip_bad_samples", "val_size"},
+    "method": set(),
+    "optim": {"iters"},
+    "run": {"out", "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_ckpts", "teacher_iters",
+            "baseline", "channels_last", "compile", "optim_impl", "teacher_cuda_graph", "profile", "profile_warmup",
+            "sliding", "device", "cache_dir"},
+}
+
+
 def check_resumable(ckpt, path, cfg, num_classes):
-    """Refuse, naming what differs, a checkpoint of another student, method, dataset or class count."""
+    """Refuse a checkpoint whose run differs from this one in anything that shapes the model or the optimisation:
+    first another student, method, dataset or class count, then every other such flag, all listed."""
+    from engine.config import SECTIONS, Config
+
     want = {"model": cfg.model.student, "method": cfg.method.method, "dataset": cfg.data.dataset,
             "num_classes": num_classes}
     have = {"model": ckpt["arch"], "method": ckpt["config"]["method"]["method"],
@@ -138,6 +192,22 @@ def check_resumable(ckpt, path, cfg, num_classes):
         if want[key] != have[key]:
             raise ValueError(f"cannot resume from {path}: it is a checkpoint of {key} {have[key]!r}, this run "
                              f"trains {key} {want[key]!r} (choose another --out, or --resume none)")
+    saved = Config.from_dict(ckpt["config"])
+    differ = []
+    for section in SECTIONS:
+        for name, value in vars(getattr(cfg, section)).items():
+            old = getattr(getattr(saved, section), name)
+            if name not in NOT_SHAPING[section] and value != old:
+                differ.append(f"--{name.replace('_', '-')} {_shown(value)} (the checkpoint's: {_shown(old)})")
+    if differ:
+        raise ValueError(f"cannot resume from {path}: this run differs from it in {'; '.join(differ)}. Resume "
+                         "with the checkpoint's values, choose another --out, or --resume none to start over")
+
+
+def _shown(value):
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return repr(value) if value == "" else str(value)
 
 
 def restore(step, ckpt, path, method_spec):
@@ -156,6 +226,34 @@ def restore(step, ckpt, path, method_spec):
                              f"--method {method_spec}")
         step.source.load_state_dict(ckpt["source"])
     return ckpt["iteration"], ckpt["rng"]
+
+
+def nonfinite_tensors(state, prefix=""):
+    """Names of the floating-point tensors of a (nested) state dict that hold a NaN or an infinity; one host
+    sync for the whole dict."""
+    named = []
+
+    def walk(obj, name):
+        if torch.is_tensor(obj):
+            if obj.is_floating_point():
+                named.append((name, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def describe_names(names, most=5):
+    shown = ", ".join(names[:most])
+    return f"{len(names)} tensor(s): {shown}" + (", ..." if len(names) > most else "")
 
 
 def rng_state():

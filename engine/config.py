@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.methods import MethodConfig
-from engine.settings import parse_size
+from engine.settings import at_least, one_of, parse_size, positive, size_at_least
 from engine.settings import setting as _f  # short, so that each field stays on its line
 
 
@@ -29,29 +29,31 @@ class DataConfig:
     dataset: str = _f("synthetic", "dataset name: synthetic (built in, no download), camvid, cityscapes, ade20k, "
                                    "voc, pascal_context (60 classes) or pascal_context59")
     data_root: str = _f("", "dataset folder (not needed for synthetic)")
-    crop: tuple = _f((64, 64), "training crop HEIGHT,WIDTH (or one number for a square)", parse=parse_size)
-    batch_size: int = _f(8, "images per process per iteration")
+    crop: tuple = _f((64, 64), "training crop HEIGHT,WIDTH (or one number for a square)", parse=parse_size,
+                     check=size_at_least(8))
+    batch_size: int = _f(8, "images per process per iteration", check=at_least(2))
     workers: int = _f(2, "data workers per process: DataLoader worker processes, or DALI CPU threads and Python "
-                         "reader processes")
+                         "reader processes", check=at_least(0))
     loader: str = _f("auto", "data loader: dali (NVIDIA DALI pipeline, GPU decoding where CUDA is), torch "
-                             "(DataLoader), or auto (dali when it is importable and CUDA is available, else torch)")
+                             "(DataLoader), or auto (dali when it is importable and CUDA is available, else torch)",
+                             check=one_of("auto", "dali", "torch"))
     skip_bad_samples: bool = _f(False, "skip unreadable or truncated image/label files (each is named and counted) "
                                        "instead of stopping at the first")
-    scale_min: float = _f(0.5, "smallest random rescale factor of the training augmentation")
-    scale_max: float = _f(2.0, "largest random rescale factor")
+    scale_min: float = _f(0.5, "smallest random rescale factor of the training augmentation", check=positive)
+    scale_max: float = _f(2.0, "largest random rescale factor", check=positive)
     flip: bool = _f(True, "random horizontal flip")
-    rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)")
-    val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)")
+    rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)", check=at_least(0))
+    val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)", check=at_least(0))
 
 
 @dataclass
 class OptimConfig:
-    iters: int = _f(800, "training iterations")
+    iters: int = _f(800, "training iterations", check=at_least(1))
     lr: float = _f(0.05, "base learning rate of SGD (poly schedule, power 0.9, per iteration); 0.05 suits the "
-                   "built-in data from scratch, pretrained backbones on real data usually want 0.01")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "SGD weight decay")
-    poly_power: float = _f(0.9, "exponent of the poly learning-rate schedule")
+                   "built-in data from scratch, pretrained backbones on real data usually want 0.01", check=positive)
+    momentum: float = _f(0.9, "SGD momentum", check=at_least(0))
+    weight_decay: float = _f(1e-4, "SGD weight decay", check=at_least(0))
+    poly_power: float = _f(0.9, "exponent of the poly learning-rate schedule", check=at_least(0))
 
 
 @dataclass
@@ -59,24 +61,29 @@ class RunConfig:
     out: str = _f("", "run directory (empty: runs/<dataset>-<student>-<method>)")
     resume: str = _f("auto", "checkpoint to continue from: a file, 'auto' (the run directory's last checkpoint if any) or 'none'")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
-    log_interval: int = _f(20, "iterations between log lines (the only host syncs of the loop)")
-    eval_interval: int = _f(200, "iterations between validations (0: only at the end)")
-    ckpt_interval: int = _f(200, "iterations between checkpoints (one is always written at the end)")
-    keep_ckpts: int = _f(2, "numbered checkpoints kept besides last.pt")
-    teacher_iters: int = _f(1200, "iterations of the teacher trained when no --teacher-ckpt is given")
+    log_interval: int = _f(20, "iterations between log lines (the only host syncs of the loop)", check=at_least(1))
+    eval_interval: int = _f(200, "iterations between validations (0: only at the end)", check=at_least(0))
+    ckpt_interval: int = _f(200, "iterations between checkpoints (0: only the one always written at the end)",
+                            check=at_least(0))
+    keep_ckpts: int = _f(2, "numbered checkpoints kept besides last.pt", check=at_least(0))
+    teacher_iters: int = _f(1200, "iterations of the teacher trained when no --teacher-ckpt is given",
+                            check=at_least(1))
     baseline: bool = _f(False, "also train the student alone with the same settings (cached) for the closing table")
     precision: str = _f("auto", "auto|fp32|bf16|fp16: autocast dtype of the step; auto = bf16 on CUDA, fp32 on CPU; "
-                                "fp16 adds a GradScaler. The teacher always runs in this precision too")
-    channels_last: str = _f("auto", "auto|on|off: channels-last memory format of models and images (auto: on with CUDA)")
+                                "fp16 adds a GradScaler. The teacher always runs in this precision too",
+                                check=one_of("auto", "fp32", "bf16", "fp16"))
+    channels_last: str = _f("auto", "auto|on|off: channels-last memory format of models and images (auto: on "
+                                    "with CUDA)", check=one_of("auto", "on", "off"))
     compile: bool = _f(False, "torch.compile the student and the teacher (the fused loss kernels trace as custom ops)")
     optim_impl: str = _f("auto", "auto|fused|foreach|plain|apex: SGD implementation (auto = fused, measured fastest; "
-                                 "apex = apex.optimizers.FusedSGD, when apex is importable)")
+                                 "apex = apex.optimizers.FusedSGD, when apex is importable)",
+                                 check=one_of("auto", "fused", "foreach", "plain", "apex"))
     teacher_cuda_graph: bool = _f(False, "replay the teacher's forward as a CUDA graph (static input shape; CUDA only)")
     profile: int = _f(0, "profile N steps after --profile-warmup and print a per-phase table; writes a torch.profiler "
                          "trace and profile.json to <out>/profile and trains nothing else (0: off)")
     profile_warmup: int = _f(5, "--profile: untimed steps first (cuDNN autotuning, torch.compile, allocator warm-up)")
     sliding: bool = _f(False, "evaluate with sliding-window inference (crop-sized windows) instead of whole images")
-    device: str = _f("auto", "auto|cpu|cuda")
+    device: str = _f("auto", "auto|cpu|cuda", check=one_of("auto", "cpu", "cuda"))
     cache_dir: str = _f("", "where trained default teachers and baselines are cached (empty: $SEGKD_CACHE or ~/.cache/segkd)")
 
 
@@ -163,6 +170,22 @@ def config_from_args(args):
     return Config(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
 
 
+def validate(cfg):
+    """Check every field that declares a `check` (engine/settings.py), and the few rules between fields; raise a
+    ValueError naming the first bad flag and its value. Run when the flags are parsed and when a Trainer is built."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            check = f.metadata.get("check")
+            problem = check(getattr(values, f.name)) if check else None
+            if problem:
+                raise ValueError(f"--{f.name.replace('_', '-')} {problem}")
+    d = cfg.data
+    if d.scale_min > d.scale_max:
+        raise ValueError(f"--scale-min {d.scale_min} is above --scale-max {d.scale_max}")
+    return cfg
+
+
 def cache_dir(cfg):
     """Where trained default teachers, baselines and ADS scores are cached: --cache-dir, else $SEGKD_CACHE, else
     ~/.cache/segkd."""
@@ -171,7 +194,7 @@ def cache_dir(cfg):
 
 def parse_config(argv=None, description=None):
     parser = add_flags(argparse.ArgumentParser(description=description))
-    return config_from_args(parser.parse_args(argv))
+    return validate(config_from_args(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def init_distributed(device="auto"):
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not one of auto, cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available")
+        raise ValueError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

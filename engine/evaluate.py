@@ -81,7 +81,7 @@ def format_iou(result, class_names, title=""):
 
 
 def main(argv=None):
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors
     from engine.config import Config, parse_size
     from engine.data import build_dataset, build_val_loader
     from engine.dist import cleanup, init_distributed
@@ -101,6 +101,10 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--val-size", args.val_size, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
 
     env = init_distributed(args.device)
     try:
@@ -112,8 +116,15 @@ def main(argv=None):
         if ds.num_classes != ckpt["num_classes"]:
             raise ValueError(f"checkpoint {args.ckpt} has {ckpt['num_classes']} classes but dataset {dataset} "
                              f"has {ds.num_classes}")
+        bad = nonfinite_tensors(ckpt["model"])
+        if bad:
+            raise ValueError(f"checkpoint {args.ckpt} holds non-finite weights ({describe_names(bad)}): it cannot "
+                             "be scored; evaluate an earlier checkpoint")
         model = build_model(ckpt["arch"], ckpt["num_classes"])
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {args.ckpt} does not fit its architecture {ckpt['arch']!r}: {e}") from e
         model.to(env.device)
         items = torch.utils.data.Subset(ds, range(min(args.val_size, len(ds)))) if args.val_size else ds
         loader = build_val_loader(items, args.batch_size, workers=args.workers, rank=env.rank,
@@ -133,5 +144,12 @@ def main(argv=None):
         cleanup()
 
 
+def cli(argv=None):
+    """The command line: any failure ends in one line `segkd: error: ...` and its exit code (engine/errors.py)."""
+    from engine.errors import run_cli
+
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

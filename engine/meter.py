@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from engine import dist
+from engine.errors import NonFiniteError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     pass
 
 

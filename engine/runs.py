@@ -2,20 +2,52 @@
 is compared with, the random teacher of --profile, and the closing table.
 
 A teacher or baseline is cached under --cache-dir by a hash of every setting that determines what training it
-produces (settings_key), so a later run with the same settings reuses it.
+produces (settings_key), so a later run with the same settings reuses it. A cached teacher carries the sha256
+of its checkpoint (checksum.json): a truncated or corrupted entry is named and trained again, never used. One
+process trains a given entry; another that needs it meanwhile waits for it (engine/runlock.py). Every run
+directory is held by one process at a time (hold_directory).
 """
 import dataclasses
 import hashlib
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors, remove_stale_temporaries
 from engine.config import cache_dir
 from engine.data import build_dataset
-from engine.dist import barrier
+from engine.dist import barrier, broadcast_object
+from engine.errors import RunDirectoryBusy
+from engine.methods import MethodConfig
 from engine.models import build_model
+from engine.runlock import DirectoryLock
 from engine.trainer import Trainer
+
+
+@contextmanager
+def hold_directory(out, env, what="run directory", echo=print):
+    """Rank 0 holds <out>/.segkd.lock while the body runs; if another process holds it, every rank raises the
+    same RunDirectoryBusy. Temporary files of saves a killed run left behind are removed once it is held."""
+    lock, problem = None, None
+    if env.is_main:
+        try:
+            lock = DirectoryLock(Path(out) / ".segkd.lock", f"{what} {out}").acquire()
+            removed = remove_stale_temporaries(out)
+            if removed:
+                echo(f"note: removed {removed} temporary file(s) of checkpoint writes interrupted earlier in {out}")
+        except RunDirectoryBusy as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem:
+        raise RunDirectoryBusy(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def settings_key(cfg, arch, iters, world_size):
@@ -35,27 +67,99 @@ def train_alone(cfg, env, arch, iters, out, method="none"):
         cfg,
         model=dataclasses.replace(cfg.model, student=arch, teacher_ckpt="",
                                   pretrained_backbone=cfg.model.pretrained_backbone if arch == cfg.model.student else ""),
-        method=dataclasses.replace(cfg.method, method=method, position=""),
+        # the student alone reads none of the distillation settings: the defaults, so that a cut-off run resumes
+        # whatever method flags the run that needs it was given
+        method=MethodConfig(method=method),
         optim=dataclasses.replace(cfg.optim, iters=iters),
         run=dataclasses.replace(cfg.run, out=str(out), resume="auto", eval_interval=0),
     )
-    return Trainer(sub, env).fit()
+    with hold_directory(out, env):
+        return Trainer(sub, env).fit()
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(out):
+    ckpt = Path(out) / "last.pt"
+    (Path(out) / "checksum.json").write_text(json.dumps({"file": "last.pt", "sha256": sha256(ckpt),
+                                                         "bytes": ckpt.stat().st_size}))
+
+
+def cached_teacher_problem(out):
+    """Why the cached teacher in `out` cannot be used (None: it can): an unreadable results.json, a missing,
+    truncated or altered last.pt. An entry from before checksums is checked by loading it, then given one."""
+    ckpt = out / "last.pt"
+    try:
+        json.loads((out / "results.json").read_text())["miou"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"its results.json is unreadable ({type(e).__name__})"
+    if not ckpt.is_file():
+        return "its last.pt is missing"
+    try:
+        record = json.loads((out / "checksum.json").read_text())
+    except FileNotFoundError:
+        try:
+            bad = nonfinite_tensors(load_checkpoint(ckpt)["model"])
+        except ValueError as e:
+            return str(e)
+        if bad:
+            return f"its last.pt holds non-finite weights ({describe_names(bad)})"
+        write_checksum(out)
+        return None
+    except ValueError:
+        return "its checksum.json is unreadable"
+    if ckpt.stat().st_size != record.get("bytes") or sha256(ckpt) != record.get("sha256"):
+        return "its last.pt does not match the checksum written when it was trained (truncated or corrupted)"
+    return None
 
 
 def ensure_teacher(cfg, env, echo):
-    """Path of a trained teacher checkpoint for this run's settings: the cached one, or train it now."""
+    """Path of a trained teacher checkpoint for this run's settings: the cached one, or train it now. Another
+    process training the same entry is waited for; a damaged entry is named, removed and trained again."""
     arch = cfg.model.teacher
-    out = cache_dir(cfg) / "teachers" / f"{cfg.data.dataset}-{arch}-{settings_key(cfg, arch, cfg.run.teacher_iters, env.world_size)}"
+    key = settings_key(cfg, arch, cfg.run.teacher_iters, env.world_size)
+    out = cache_dir(cfg) / "teachers" / f"{cfg.data.dataset}-{arch}-{key}"
     ckpt = out / "last.pt"
-    if (out / "results.json").exists():
-        miou = json.loads((out / "results.json").read_text())["miou"]
-        echo(f"using the cached teacher {arch} ({ckpt}, val mIoU {100 * miou:.1f}) trained earlier with the "
-             "same settings; give --teacher-ckpt to use another")
+    lock = (DirectoryLock(out.with_name(out.name + ".lock"), f"the cached teacher {out}").acquire(wait=True, echo=echo)
+            if env.is_main else None)
+    try:
+        state = None
+        if env.is_main:
+            state = "train"
+            problem = cached_teacher_problem(out) if (out / "results.json").exists() else None
+            if problem is None and (out / "results.json").exists():
+                state = "ready"
+            elif problem is None and ckpt.exists():  # a cut-off training: resume it if its checkpoint reads
+                try:
+                    load_checkpoint(ckpt)
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                echo(f"the cached teacher {out} is damaged: {problem}; training it again")
+                shutil.rmtree(out)
+        state = broadcast_object(state)
+        if state == "ready":
+            miou = json.loads((out / "results.json").read_text())["miou"]
+            echo(f"using the cached teacher {arch} ({ckpt}, val mIoU {100 * miou:.1f}) trained earlier with the "
+                 "same settings; give --teacher-ckpt to use another")
+            return str(ckpt)
+        echo(f"no --teacher-ckpt given: training the teacher {arch} on {cfg.data.dataset} for "
+             f"{cfg.run.teacher_iters} iterations first; it is cached in {out} and reused by later runs with the "
+             "same settings")
+        train_alone(cfg, env, arch, cfg.run.teacher_iters, out)
+        if env.is_main:
+            write_checksum(out)
+        barrier()
         return str(ckpt)
-    echo(f"no --teacher-ckpt given: training the teacher {arch} on {cfg.data.dataset} for {cfg.run.teacher_iters} "
-         f"iterations first; it is cached in {out} and reused by later runs with the same settings")
-    train_alone(cfg, env, arch, cfg.run.teacher_iters, out)
-    return str(ckpt)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def random_teacher(cfg, env, echo):
@@ -113,4 +217,9 @@ def cached_baseline(cfg, env, result):
             base.parent.mkdir(parents=True, exist_ok=True)
             base.write_text(json.dumps({"miou": alone["miou"], "run_dir": alone["run_dir"]}))
         barrier()
-    return json.loads(base.read_text()) if base.exists() else None
+    try:
+        return json.loads(base.read_text()) if base.exists() else None
+    except ValueError:
+        print(f"note: the cached baseline {base} is unreadable; it is ignored (and replaced by the next "
+              "--baseline or --method none run with these settings)")
+        return None

@@ -29,3 +29,26 @@ def parse_size(text):
     if len(sizes) != 2 or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"expected a size like 512 or 360,480, got {text!r}")
     return sizes
+
+
+# Checks a field declares with `check=`: value -> None when valid, else what the value must be. validate()
+# (engine/config.py) runs them when the flags are parsed, so a bad value is named before anything is built.
+def at_least(low):
+    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
+
+
+def positive(v):
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def fraction(v):
+    return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+
+
+def size_at_least(low):
+    return lambda v: (None if min(v) >= low else
+                      f"must be at least {low}x{low} (the models' output stride is 8), got {v[0]}x{v[1]}")

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import FORMAT
+from engine.checkpoint import FORMAT, describe_names, nonfinite_tensors
 from engine.compile import compile_backend
+from engine.errors import first_line
 from engine.models import SegOutput, build_model
 from engine.precision import autocast
 
@@ -40,7 +41,7 @@ def load_teacher(path, arch, num_classes, dataset_name=""):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--teacher-ckpt {path} could not be read ({type(e).__name__}: {e})") from e
+        raise ValueError(f"--teacher-ckpt {path} could not be read ({first_line(e)})") from e
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         arch, state, k = obj["arch"], obj["model"], obj["num_classes"]
     else:
@@ -53,6 +54,10 @@ def load_teacher(path, arch, num_classes, dataset_name=""):
     if k != num_classes:
         raise ValueError(f"--teacher-ckpt {path} predicts {k} classes but dataset {dataset_name or ''} has "
                          f"{num_classes}: distil with a teacher trained on this dataset")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"--teacher-ckpt {path} holds non-finite weights ({describe_names(bad)}): distil from a "
+                         "checkpoint taken before training diverged")
     model = build_model(arch, num_classes)
     try:
         model.load_state_dict(state)

@@ -15,9 +15,10 @@ if __package__ in (None, ""):  # `python engine/train.py`: import `engine` from 
 
 from engine.config import parse_config  # noqa: E402
 from engine.dist import barrier, cleanup, init_distributed  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from engine.methods import method_needs_teacher, parse_method  # noqa: E402
 from engine.profile import profile_run  # noqa: E402
-from engine.runs import cached_baseline, ensure_teacher, random_teacher, summary  # noqa: E402
+from engine.runs import cached_baseline, ensure_teacher, hold_directory, random_teacher, summary  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 
@@ -26,34 +27,34 @@ def main(argv=None):
     names = parse_method(cfg.method.method)
     if not cfg.run.out:
         cfg.run.out = str(Path("runs") / f"{cfg.data.dataset}-{cfg.model.student}-{'+'.join(names)}")
+    if Path(cfg.run.out).exists() and not Path(cfg.run.out).is_dir():
+        raise ValueError(f"--out {cfg.run.out} exists and is not a directory: give a directory for the run")
     env = init_distributed(cfg.run.device)
     echo = print if env.is_main else (lambda *a, **k: None)
     try:
         if cfg.run.profile:
-            if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
-                cfg.model.teacher_ckpt = random_teacher(cfg, env, echo)
-            trainer = Trainer(cfg, env, echo)
-            return profile_run(trainer.step, trainer.batches(trainer.start_iter), env, cfg.run.out,
-                               warmup=cfg.run.profile_warmup, steps=cfg.run.profile, start_iter=trainer.start_iter,
-                               iters=cfg.optim.iters, title=trainer.profile_title(), notes=trainer.profile_notes,
-                               echo=echo)
+            with hold_directory(cfg.run.out, env, echo=echo):
+                if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
+                    cfg.model.teacher_ckpt = random_teacher(cfg, env, echo)
+                trainer = Trainer(cfg, env, echo)
+                return profile_run(trainer.step, trainer.batches(trainer.start_iter), env, cfg.run.out,
+                                   warmup=cfg.run.profile_warmup, steps=cfg.run.profile,
+                                   start_iter=trainer.start_iter, iters=cfg.optim.iters,
+                                   title=trainer.profile_title(), notes=trainer.profile_notes, echo=echo)
         if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
             cfg.model.teacher_ckpt = ensure_teacher(cfg, env, echo)
             barrier()
-        result = Trainer(cfg, env, echo).fit()
+        with hold_directory(cfg.run.out, env, echo=echo):
+            result = Trainer(cfg, env, echo).fit()
         echo(summary(cfg, result, cached_baseline(cfg, env, result)))
         return result
     finally:
         cleanup()
 
 
-def cli():
-    """Entry point that turns configuration errors into one clear line instead of a traceback."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def cli(argv=None):
+    """The command line: any failure ends in one line `segkd: error: ...` and its exit code (engine/errors.py)."""
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from engine import checkpoint, dist
-from engine.config import cache_dir
+from engine.config import cache_dir, validate
+from engine.errors import NonFiniteError
 from engine.data import build_dataset, build_train_loader, build_val_loader
 from engine.evaluate import evaluate, format_iou
 from engine.memory_format import resolve_channels_last
@@ -34,6 +35,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.echo = echo if env.is_main else (lambda *a, **k: None)
         self.out = Path(cfg.run.out)
+        validate(cfg)
         dev, r, d = env.device, cfg.run, cfg.data
         torch.manual_seed(r.seed)
         self.dtype = resolve_precision(r.precision, dev)
@@ -104,8 +106,22 @@ class Trainer:
         self.echo(f"resuming from {path} at iteration {self.start_iter}")
 
     def save(self, iteration, complete=False, metrics=None):
-        """All ranks call (RNG states are gathered); rank 0 writes the checkpoint (engine/checkpoint.py)."""
+        """All ranks call (RNG states are gathered); rank 0 writes the checkpoint (engine/checkpoint.py), unless a
+        weight or buffer has gone non-finite (BatchNorm statistics do one step before the loss): then no rank
+        writes and the run stops, so that last.pt stays the last good state."""
         rngs = dist.all_gather_object(checkpoint.rng_state())
+        bad = None
+        if self.env.is_main:
+            bad = checkpoint.nonfinite_tensors({"student": self.student.state_dict(),
+                                                "method": self.step.method.state_dict()})
+        bad = dist.broadcast_object(bad)
+        if bad:
+            last = self.out / "last.pt"
+            kept = (f"the last good checkpoint {last} is intact" if last.exists()
+                    else "no checkpoint had been written yet")
+            raise NonFiniteError(f"non-finite weights or statistics at iteration {iteration} "
+                                 f"({checkpoint.describe_names(bad)}): no checkpoint written, training stopped; "
+                                 f"{kept}. Try a lower --lr, check the data, or run with --precision fp32.")
         if self.env.is_main:
             ckpt = checkpoint.run_state(self.step, self.cfg, iteration=iteration, num_classes=self.num_classes,
                                         class_names=self.train_set.class_names, rngs=rngs, complete=complete,
@@ -150,6 +166,8 @@ class Trainer:
             (self.out / "config.json").write_text(cfg.dumps())
         it = self.start_iter
         log_path = self.out / "log.jsonl"
+        if env.is_main and it > 0:
+            self._truncate_log(log_path, it, final_again=it >= iters)
         if it < iters:
             batches = self.batches(it)  # before the RNG restore: a DataLoader iterator draws a seed from it
             if self.rng_to_restore is not None:
@@ -161,31 +179,33 @@ class Trainer:
         bar = tqdm(total=iters, initial=it, disable=not env.is_main, dynamic_ncols=True, desc="train")
         meter = TermMeter(env.device, it)
         images, t_last = 0, time.perf_counter()
-        while it < iters:
-            batch = next(batches)
-            meter.add(self.step(batch, it))
-            images += batch["image"].shape[0]
-            it += 1
-            bar.update(1)
-            at_log = it % cfg.run.log_interval == 0 or it == iters
-            at_ckpt = it % cfg.run.ckpt_interval == 0 and it < iters
-            if at_log or at_ckpt:
-                now = time.perf_counter()
-                record = meter.reduce(self.step.loss_names, env.world_size, self.out)
-                rate = images / max(now - t_last, 1e-9)
-                record.update(kind="train", iter=it, lr=self.step.optimizer.param_groups[0]["lr"],
-                              img_s=rate * env.world_size, img_s_per_process=rate)
-                self._log(log_path, record)
-                bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} "
-                                    f"{record['img_s']:.0f} img/s")
-                images, t_last = 0, time.perf_counter()
-            if cfg.run.eval_interval and it % cfg.run.eval_interval == 0 and it < iters:
-                self._record_eval(log_path, it, self.evaluate())
-                t_last = time.perf_counter()
-            if at_ckpt:
-                self.save(it)
-                t_last = time.perf_counter()
-        bar.close()
+        try:  # the bar is closed before any error is reported, so that the error is the last line
+            while it < iters:
+                batch = next(batches)
+                meter.add(self.step(batch, it))
+                images += batch["image"].shape[0]
+                it += 1
+                bar.update(1)
+                at_log = it % cfg.run.log_interval == 0 or it == iters
+                at_ckpt = cfg.run.ckpt_interval and it % cfg.run.ckpt_interval == 0 and it < iters
+                if at_log or at_ckpt:
+                    now = time.perf_counter()
+                    record = meter.reduce(self.step.loss_names, env.world_size, self.out)
+                    rate = images / max(now - t_last, 1e-9)
+                    record.update(kind="train", iter=it, lr=self.step.optimizer.param_groups[0]["lr"],
+                                  img_s=rate * env.world_size, img_s_per_process=rate)
+                    self._log(log_path, record)
+                    bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                                        f"{record['img_s']:.0f} img/s")
+                    images, t_last = 0, time.perf_counter()
+                if cfg.run.eval_interval and it % cfg.run.eval_interval == 0 and it < iters:
+                    self._record_eval(log_path, it, self.evaluate())
+                    t_last = time.perf_counter()
+                if at_ckpt:
+                    self.save(it)
+                    t_last = time.perf_counter()
+        finally:
+            bar.close()
         return self._finish(log_path)
 
     def _finish(self, log_path):
@@ -215,6 +235,25 @@ class Trainer:
             self.pictures()
         dist.barrier()
         return result
+
+    @staticmethod
+    def _truncate_log(path, start_iter, final_again):
+        """A resumed run logs from start_iter on: drop the records a killed run wrote after its last checkpoint
+        (and, when a complete run is reported again, its final evaluation), so no iteration appears twice."""
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if record.get("iter", 0) < start_iter or (record.get("iter") == start_iter and not (
+                    final_again and record.get("kind") == "eval")):
+                kept.append(line)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
     def _log(self, path, record):
         if self.env.is_main:

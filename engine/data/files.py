@@ -34,11 +34,27 @@ PNG_END = b"IEND\xaeB`\x82"
 
 
 class BadSampleError(ValueError):
-    """An image or label file that cannot be read. `path` is the file."""
+    """An image or label file that cannot be read. `path` is the file.
 
-    def __init__(self, path, reason):
+    A DataLoader worker's exception reaches the main process rebuilt from one string, the worker's whole
+    traceback ("Caught BadSampleError in DataLoader worker process 1. Original Traceback ..."). Built that way
+    (one argument), the error keeps only its own last line, so a worker's bad sample reads exactly as with
+    --workers 0; __reduce__ rebuilds it exactly wherever it is pickled whole.
+    """
+
+    def __init__(self, path, reason=None):
+        if reason is None:  # rebuilt from a worker's traceback text: its last line is "...BadSampleError: <msg>"
+            last = str(path).strip().splitlines()[-1]
+            text = last.split("BadSampleError: ", 1)[-1]
+            super().__init__(text)
+            self.path = text.removeprefix("cannot read ").split(": ", 1)[0]
+            self.reason = text.split(": ", 1)[-1].rsplit(" (--skip-bad-samples", 1)[0]
+            return
         super().__init__(f"cannot read {path}: {reason} (--skip-bad-samples skips and counts such files)")
         self.path, self.reason = str(path), str(reason)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 class SkipLog:

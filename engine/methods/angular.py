@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 import kernels
 from engine.methods.base import FeatureMethod
-from engine.settings import setting
+from engine.settings import at_least, setting
 
 
 @dataclass
 class AngularSettings:
     """Shared by lad, cad and pad."""
-    ad_weight: float = setting(10.0, "lad/cad/pad: lambda_ad, weight of the angular term")
+    ad_weight: float = setting(10.0, "lad/cad/pad: lambda_ad, weight of the angular term", check=at_least(0))
     ad_kd_weight: float = setting(10.0, "lad/cad/pad: lambda_kd, weight of the per-pixel KD term that is part of "
-                                        "the method")
+                                        "the method", check=at_least(0))
 
 
 class _Angular(FeatureMethod):

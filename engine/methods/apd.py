@@ -26,15 +26,16 @@ import torch.nn.functional as F
 
 import kernels
 from engine.methods.base import Method, labels_at, segmentation_ce
-from engine.settings import setting
+from engine.settings import at_least, positive, setting
 
 
 @dataclass
 class APDSettings:
-    apd_kd_weight: float = setting(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)")
-    apd_rec_weight: float = setting(10.0, "apd: lambda_rec, weight of the prototype reconstruction term")
-    apd_tau: float = setting(0.1, "apd: temperature of the prototype cosine similarities")
-    apd_teacher_lr: float = setting(1e-5, "apd: Adam learning rate of the teacher projector P_t")
+    apd_kd_weight: float = setting(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)", check=at_least(0))
+    apd_rec_weight: float = setting(10.0, "apd: lambda_rec, weight of the prototype reconstruction term",
+                                    check=at_least(0))
+    apd_tau: float = setting(0.1, "apd: temperature of the prototype cosine similarities", check=positive)
+    apd_teacher_lr: float = setting(1e-5, "apd: Adam learning rate of the teacher projector P_t", check=positive)
 
 
 def projector(c_in, c_out):

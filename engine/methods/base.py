@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.settings import setting
+from engine.settings import positive, setting
 
 POSITIONS = ("backbone", "decoder", "logits")
 
@@ -35,7 +35,7 @@ class SharedSettings:
     position: str = setting("", "where feature methods distil: backbone|decoder|logits (empty: the method's "
                                 "default)")
     temperature: float = setting(1.0, "softmax temperature T of the per-pixel KD term (kd, and the KD term of "
-                                      "lad/cad/pad/apd)")
+                                      "lad/cad/pad/apd)", check=positive)
 
 
 @dataclass

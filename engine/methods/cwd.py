@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import kernels
 from engine.methods.base import FeatureMethod
-from engine.settings import setting
+from engine.settings import at_least, positive, setting
 
 
 @dataclass
 class CWDSettings:
-    cwd_weight: float = setting(3.0, "cwd: weight of the channel-wise KL")
-    cwd_temperature: float = setting(4.0, "cwd: temperature of the spatial softmax")
+    cwd_weight: float = setting(3.0, "cwd: weight of the channel-wise KL", check=at_least(0))
+    cwd_temperature: float = setting(4.0, "cwd: temperature of the spatial softmax", check=positive)
 
 
 class CWD(FeatureMethod):

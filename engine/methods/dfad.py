@@ -33,7 +33,7 @@ from engine.datafree.bn_hooks import batch_prior, bn_inputs
 from engine.datafree.generator import Generator
 from engine.methods.base import Method, TrainSource
 from engine.precision import autocast
-from engine.settings import parse_size, setting
+from engine.settings import at_least, parse_size, positive, setting
 
 STUDENT_STREAM, GENERATOR_STREAM = 0, 1
 
@@ -41,20 +41,21 @@ STUDENT_STREAM, GENERATOR_STREAM = 0, 1
 @dataclass
 class DFADSettings:
     """Where dfad's training inputs come from (docs/datafree.md)."""
-    gen_nz: int = setting(256, "dfad: size nz of the generator's latent z ~ N(0, 1)")
+    gen_nz: int = setting(256, "dfad: size nz of the generator's latent z ~ N(0, 1)", check=at_least(1))
     gen_size: tuple = setting((128, 128), "dfad: generated image HEIGHT,WIDTH, multiples of 16 (replaces --crop in "
                                           "training)", parse=parse_size)
     gen_batch: int = setting(64, "dfad: generated images per student step and per generator step, per process "
-                                 "(replaces --batch-size in training)")
-    gen_every: int = setting(5, "dfad: k, student steps (iterations) per generator step")
-    gen_lr: float = setting(1e-3, "dfad: Adam learning rate of the generator (constant)")
+                                 "(replaces --batch-size in training)", check=at_least(2))
+    gen_every: int = setting(5, "dfad: k, student steps (iterations) per generator step", check=at_least(1))
+    gen_lr: float = setting(1e-3, "dfad: Adam learning rate of the generator (constant)", check=positive)
     dfad_lr: float = setting(0.1, "dfad: student SGD learning rate (replaces --lr; the poly schedule applies, "
-                                  "--poly-power 0 keeps it constant as DFAD's code does)")
-    dfad_weight_decay: float = setting(5e-4, "dfad: student SGD weight decay (replaces --weight-decay)")
+                                  "--poly-power 0 keeps it constant as DFAD's code does)", check=positive)
+    dfad_weight_decay: float = setting(5e-4, "dfad: student SGD weight decay (replaces --weight-decay)",
+                                       check=at_least(0))
     bn_weight: float = setting(0.0, "dfad: weight of the DeepInversion BN-statistics term in the generator loss "
-                                    "(0: off)")
+                                    "(0: off)", check=at_least(0))
     bn_first_weight: float = setting(10.0, "dfad: multiplier of the first teacher BN layer in that term "
-                                           "(DeepInversion: 10)")
+                                           "(DeepInversion: 10)", check=at_least(0))
 
 
 class DFAD(Method):

@@ -31,7 +31,7 @@ from engine.datafree.ads import check_view, keep_count, pool_scores, score_pool,
 from engine.datafree.bn_hooks import parse_layers
 from engine.datafree.pool import ImagePool, PoolBatchSampler, list_images, pool_digest, pool_loader
 from engine.methods.base import Method, TrainSource
-from engine.settings import setting
+from engine.settings import at_least, fraction, positive, setting
 
 
 @dataclass
@@ -43,15 +43,15 @@ class DFSSSettings:
     ads_layers: str = setting("all", "dfss: teacher BN layers whose input statistics score an image: all|first|"
                                      "last-K (in execution order)")
     ads_keep: float = setting(0.5, "dfss: images kept from the pool, the lowest-scored: a fraction if <= 1, a "
-                                   "count if > 1")
-    ads_batch: int = setting(16, "dfss: images per scoring batch")
+                                   "count if > 1", check=positive)
+    ads_batch: int = setting(16, "dfss: images per scoring batch", check=at_least(1))
     ads_view: str = setting("crop", "dfss: what the teacher scores: crop (each image resized to cover --crop, "
                                     "centre crop: the input size its BN statistics were gathered at) or whole "
                                     "(the whole image)")
     ads_max_side: int = setting(0, "dfss: --ads-view whole: images with a longer side above this are downscaled "
-                                   "for scoring (0: never)")
+                                   "for scoring (0: never)", check=at_least(0))
     wdpd_alpha: float = setting(0.5, "dfss: fraction of --iters after which the sample weights are uniform "
-                                     "(0: uniform from the start)")
+                                     "(0: uniform from the start)", check=fraction)
     wdpd_schedule: str = setting("linear", "dfss: linear (weights move from w0 to uniform) or threshold (samples "
                                            "admitted in order of distance)")
     wdpd_start: float = setting(0.25, "dfss: threshold schedule: fraction of the kept images admitted at the start")

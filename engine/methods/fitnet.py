@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from engine.methods.base import FeatureMethod
-from engine.settings import setting
+from engine.settings import at_least, setting
 
 
 @dataclass
 class FitNetSettings:
-    fitnet_weight: float = setting(1.0, "fitnet: weight of the feature MSE")
+    fitnet_weight: float = setting(1.0, "fitnet: weight of the feature MSE", check=at_least(0))
 
 
 class FitNet(FeatureMethod):

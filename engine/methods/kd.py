@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import kernels
 from engine.methods.base import Method
-from engine.settings import setting
+from engine.settings import at_least, setting
 
 
 @dataclass
 class KDSettings:
     kd_weight: float = setting(1.0, "kd: weight of T^2-scaled per-pixel KL (CIRKD/SKD use 1 at T = 1); also dfss's "
-                                    "KD weight")
+                                    "KD weight", check=at_least(0))
 
 
 class KD(Method):

@@ -8,12 +8,12 @@ The complement of angular distillation (lad/cad/pad), which matches only the dir
 from dataclasses import dataclass
 
 from engine.methods.base import FeatureMethod
-from engine.settings import setting
+from engine.settings import at_least, setting
 
 
 @dataclass
 class MDSettings:
-    md_weight: float = setting(1.0, "md: weight of the magnitude term")
+    md_weight: float = setting(1.0, "md: weight of the magnitude term", check=at_least(0))
 
 
 class MD(FeatureMethod):

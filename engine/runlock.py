@@ -1,0 +1,61 @@
+"""One writer per directory: a run directory (--out) or a teacher-cache entry is held by one process at a time.
+
+The lock is an flock(2) on a small file holding the owner's pid and host. The kernel drops an flock when its
+process ends, however it ends (kill -9 included), so a lock left by a killed process is simply free: the next
+run takes it over without any stale-lock guessing. The pid in the file is only for the message.
+"""
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from engine.errors import RunDirectoryBusy
+
+
+class DirectoryLock:
+    """with DirectoryLock(path, what): ... holds <path> (a lock file) exclusively."""
+
+    def __init__(self, path, what):
+        self.path, self.what, self.fd = Path(path), what, None
+
+    def owner(self):
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, wait=False, echo=None):
+        """Take the lock; if another process holds it: wait=False raises RunDirectoryBusy naming it, wait=True
+        says so once through `echo` and blocks until it is free."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise RunDirectoryBusy(f"{self.what} is in use by another segkd process ({self.owner()}; lock "
+                                       f"{self.path}): wait for it to finish, or choose another --out") from None
+            if echo:
+                echo(f"waiting for the other segkd process ({self.owner()}) that holds {self.what}")
+            t0 = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if echo:
+                echo(f"{self.what} is free after {time.monotonic() - t0:.0f} s")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
