@@ -18,6 +18,7 @@ A checkpoint is a plain dict of tensors and plain Python values, so it loads wit
 A run directory holds ckpt_<iteration>.pt (the newest --keep-ckpts) and last.pt, a hard link to the newest.
 """
 import errno
+import io
 import os
 import random
 from pathlib import Path
@@ -39,18 +40,18 @@ def save_atomic(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Serialised in memory first: torch.save's zip writer turns a failed write into an opaque RuntimeError
+    # ("unexpected pos ..."), while a plain write of the bytes raises the OSError that says what happened.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise write_error(e, path) from e
-    except RuntimeError as e:  # torch.save reports a failed write of its zip stream as a RuntimeError
-        if "write" not in str(e).lower() and "file" not in str(e).lower():
-            raise
-        raise write_error(OSError(errno.EIO, str(e)), path) from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,6 +1,15 @@
-"""Distributed setup, detected from the torchrun environment (NCCL on CUDA, gloo on CPU)."""
+"""Distributed setup, detected from the torchrun environment (NCCL on CUDA, gloo on CPU).
+
+Elastic restarts (torchrun --max-restarts=N): after a rank dies, torchrun starts the whole group again on the
+same rendezvous store, which still holds the first attempt's keys. gloo's full-mesh connect can read a dead
+rank's address from them and fail with "Connection refused" (seen in 3 of 6 restarts with a plain init, on
+this torch). So each attempt's process group lives under a key prefix of its own (the restart count), and
+collectives time out after $SEGKD_DIST_TIMEOUT seconds (default 1800, torch's) so a peer that is gone ends the
+attempt instead of hanging it.
+"""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,8 +50,22 @@ def init_distributed(device="auto"):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        init_process_group("nccl" if use_cuda else "gloo", rank, world)
     return DistEnv(rank, world, local, dev)
+
+
+def init_process_group(backend, rank, world):
+    timeout = timedelta(seconds=float(os.environ.get("SEGKD_DIST_TIMEOUT", "1800")))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout,
+                          **({} if agent_store else {"multi_tenant": True}))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"segkd/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def cleanup():

@@ -188,18 +188,40 @@ def test_evaluate_errors_are_one_line(capfd, teacher, tmp_path, argv, names):
 
 
 def test_disk_full_names_the_file_and_leaves_no_partial_file(capfd, teacher, tmp_path, monkeypatch):
+    import builtins
+
     import engine.checkpoint as ckpt_module
 
-    real_save, calls = torch.save, {"n": 0}
+    real_open, calls = builtins.open, {"n": 0}
 
-    def full_disk(obj, f, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write part of it, then the disk is full
-            f.write(b"x" * 1000)
+    class FullDisk:
+        """A file on a disk that fills up after 1000 bytes."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data[:1000]))
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith(".tmp") and "ckpt_" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint: the disk is full part-way through it
+                return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(ckpt_module, "open", opener, raising=False)
     out = tmp_path / "r"
     fails(capfd, tmp_path, ["--method", "kd", "--teacher-ckpt", teacher, "--iters", "6", "--ckpt-interval", "2",
                             "--out", str(out)], RUNTIME, "no space left", "ckpt_0000004.pt", "intact")
@@ -303,3 +325,144 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(teacher, tmp_path):
     assert "interrupted" in one_error_line(err)
     done = load_checkpoint(out / "last.pt")["iteration"]
     assert done >= 4 and not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ slow: kill -9, real disk full, concurrency
+def straight_weights(tmp, teacher, argv, world=1):
+    out = tmp / "straight"
+    launch(argv + ["--out", str(out)], world=world).check_returncode()
+    return load_checkpoint(out / "last.pt")["model"]
+
+
+def launch(argv, world=1, wait=True, **popen):
+    """engine/train.py as a user starts it: plain python, or torchrun with `world` processes."""
+    cmd = (command(*argv) if world == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            *popen.pop("torchrun", []), str(ROOT / "engine" / "train.py"), *argv])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def assert_same_weights(a, b):
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def assert_each_iteration_once(out):
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    its = [r["iter"] for r in records if r["kind"] == "train"]
+    assert its == sorted(set(its)), its
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_exact(teacher, tmp_path):
+    argv = [*FAST, "--method", "cad", "--teacher-ckpt", teacher, "--iters", "60", "--ckpt-interval", "3",
+            "--log-interval", "3", "--cache-dir", str(tmp_path / "cache")]
+    want = straight_weights(tmp_path, teacher, argv)
+    out = tmp_path / "killed"
+    rng = __import__("random").Random(0)
+    for _ in range(8):
+        p = launch(argv + ["--out", str(out)], wait=False)
+        time.sleep(rng.uniform(3.0, 7.0))  # torch's import takes ~2 s: kills land in start-up, steps and saves
+        p.kill()
+        p.communicate()
+    done = launch(argv + ["--out", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_weights(want, load_checkpoint(out / "last.pt")["model"])
+    assert not list(out.glob(".*.tmp"))
+    assert_each_iteration_once(out)
+
+
+@pytest.mark.slow
+def test_elastic_restarts_recover_five_of_five(teacher, tmp_path):
+    """torchrun --max-restarts=1, one rank killed (-9) after a checkpoint, rank 1 and rank 0 in turn: each run
+    finishes, resumed from its checkpoint, with the weights of a run never killed."""
+    argv = [*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "80", "--ckpt-interval", "20",
+            "--log-interval", "10", "--cache-dir", str(tmp_path / "cache")]
+    want = straight_weights(tmp_path, teacher, argv, world=2)
+    for trial in range(5):
+        out = tmp_path / f"trial{trial}"
+        p = launch(argv + ["--out", str(out)], world=2, wait=False, torchrun=["--max-restarts=1"])
+        deadline = time.time() + 300
+        while not (out / "ckpt_0000040.pt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        victim = rank_pid(out, trial % 2 == 0 and 1 or 0)
+        os.kill(victim, signal.SIGKILL)
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, (trial, err[-3000:])
+        assert_same_weights(want, load_checkpoint(out / "last.pt")["model"])
+        assert_each_iteration_once(out)
+
+
+def rank_pid(out, rank):
+    """The pid of the torchrun worker of local rank `rank` whose command line names `out`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in env and str(out).encode() in cmdline:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} running for {out}")
+
+
+@pytest.mark.slow
+def test_disk_full_on_a_small_tmpfs(teacher, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    probe = tmp_path / "probe"
+    assert launch([*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "1", "--out", str(probe),
+                   "--cache-dir", str(tmp_path / "cache")]).returncode == 0
+    size = (probe / "last.pt").stat().st_size
+    # room for two checkpoints and a half: the third numbered one (two kept + the one being written) fails
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.5 * size) + 65536}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mount / "r"
+        p = launch([*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "8", "--ckpt-interval", "2",
+                    "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+        assert p.returncode == RUNTIME, p.stderr[-2000:]
+        line = one_error_line(p.stderr)
+        assert "no space left" in line and str(out) in line and "intact" in line
+        assert load_checkpoint(out / "last.pt")["iteration"] == 4
+        assert not list(out.glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_run_directory(teacher, tmp_path):
+    out = tmp_path / "r"
+    argv = [*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "40", "--ckpt-interval", "5",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    first = launch(argv, wait=False)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    second = launch(argv)
+    assert second.returncode == RUNTIME, second.stderr[-2000:]
+    assert f"run directory {out} is in use" in one_error_line(second.stderr)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert load_checkpoint(out / "last.pt")["iteration"] == 40
+    assert_each_iteration_once(out)
+
+
+@pytest.mark.slow
+def test_two_runs_needing_one_cached_teacher_train_it_once(tmp_path):
+    base = [*FAST, "--method", "kd", "--teacher-iters", "300", "--iters", "2", "--cache-dir", str(tmp_path / "cache")]
+    a = launch(base + ["--out", str(tmp_path / "a")], wait=False)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cache").glob("teachers/*/log.jsonl")) and time.time() < deadline:
+        time.sleep(0.1)  # a is training the teacher
+    b = launch(base + ["--out", str(tmp_path / "b")], wait=False)
+    out_a, err_a = a.communicate(timeout=600)
+    out_b, err_b = b.communicate(timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, (err_a[-2000:], err_b[-2000:])
+    both = out_a + out_b
+    assert both.count("training the teacher") == 1, both
+    assert "waiting for the other segkd process" in both and "using the cached teacher" in both
