@@ -36,8 +36,7 @@ class NonFiniteError(SegkdError):
     """A loss term, weight or buffer went non-finite; the message names which and what was kept."""
 
 
-USAGE = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
-         KeyError)
+USAGE = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 
 
 def exit_code(error):
@@ -62,8 +61,9 @@ def message(error):
         text = str(error)
     elif isinstance(error, OSError):
         text = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    elif isinstance(error, KeyError):
-        text = f"missing entry {error}"
+    elif any(k in str(error) for k in ("gloo", "NCCL", "Connection reset by peer", "connectFullMesh")):
+        text = (f"lost contact with another process of this run ({first_line(error)[:240]}); with torchrun "
+                "--max-restarts=N the group restarts and resumes from the last checkpoint")
     else:
         text = f"{type(error).__name__}: {error} (an internal error: rerun with SEGKD_DEBUG=1 for the traceback)"
     if "Traceback (most recent call last)" in text:  # an exception rebuilt from a worker's traceback text

@@ -107,6 +107,20 @@ def test_ckpt_interval_zero_means_only_the_final_checkpoint(teacher, tmp_path):
     assert [p.name for p in sorted((tmp_path / "r").glob("ckpt_*.pt"))] == ["ckpt_0000003.pt"]
 
 
+def test_an_internal_error_is_one_line_unless_debugging(capfd, tmp_path, monkeypatch):
+    from engine import trainer
+
+    def broken(self):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(trainer.Trainer, "fit", broken)
+    argv = ["--method", "none", "--iters", "2", "--out", str(tmp_path / "r")]
+    fails(capfd, tmp_path, argv, RUNTIME, "ZeroDivisionError: division by zero", "SEGKD_DEBUG=1")
+    monkeypatch.setenv("SEGKD_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        train_cli.cli([*FAST, "--cache-dir", str(tmp_path / "cache"), *argv])
+
+
 # ------------------------------------------------------------------ resume: exact, or refused with the flags
 def test_resume_with_other_settings_is_refused_naming_each_flag(capfd, teacher, tmp_path):
     out = str(tmp_path / "r")
