@@ -37,9 +37,10 @@ class Census:
     def cmd(self, tool, argv):
         return [sys.executable, str(self.checkout / "engine" / tool), *argv]
 
-    def run(self, argv, tool="train.py", fast=True, **kw):
+    def run(self, argv, tool="train.py", fast=True, env=None):
         full = [*FAST, "--cache-dir", str(self.work / "cache"), *argv] if tool == "train.py" and fast else argv
-        return subprocess.run(self.cmd(tool, full), capture_output=True, text=True, timeout=600, env=self.env, **kw)
+        return subprocess.run(self.cmd(tool, full), capture_output=True, text=True, timeout=600,
+                              env={**self.env, **(env or {})})
 
     def record(self, name, p, token=None, kind=None, note=""):
         """Classify a finished process: a refused bad input by default; `kind` forces the class."""
@@ -100,15 +101,15 @@ def main(argv=None):
            ("--wdpd-alpha 2", ["--method", "dfss", *t, "--aux-data", str(work), "--wdpd-alpha", "2"], "--wdpd-alpha"),
            ("--gen-batch 1", ["--method", "dfad", *t, "--gen-batch", "1"], "--gen-batch"),
            ("--aux-data missing", ["--method", "dfss", *t, "--aux-data", str(work / "nowhere")], "nowhere")]
-    for name, argv, token in bad:
+    for i, (name, argv, token) in enumerate(bad):
         if "--method" not in argv:
             argv = ["--method", "kd", *t, *argv]
         if "--iters" not in argv:
             argv = [*argv, "--iters", "2"]
-        c.record(name, c.run([*argv, "--out", str(work / "x")]), token)
+        c.record(name, c.run([*argv, "--out", str(work / f"bad{i}")]), token)  # a directory per case
     (work / "junk.pt").write_bytes(b"not a checkpoint")
     c.record("--teacher-ckpt junk file", c.run(["--method", "kd", "--teacher-ckpt", str(work / "junk.pt"), "--iters",
-                                                "2", "--out", str(work / "x")]), "junk.pt")
+                                                "2", "--out", str(work / "junk-run")]), "junk.pt")
     taken = work / "taken"
     taken.write_text("mine")
     c.record("--out is an existing file", c.run(["--method", "none", "--iters", "2", "--out", str(taken)]), "--out")
@@ -162,10 +163,10 @@ def main(argv=None):
     data = make_bad_camvid(c, work)
     camvid = ["--method", "none", "--dataset", "camvid", "--data-root", str(data), "--iters", "6", "--crop", "16",
               "--batch-size", "2", "--loader", "torch", "--val-size", "2"]
-    p = c.run([*camvid, "--workers", "2", "--out", str(work / "bw")], fast=False, env={**c.env, "TMPDIR": str(work)})
+    p = c.run([*camvid, "--workers", "2", "--out", str(work / "bw")], fast=False, env={"TMPDIR": str(work)})
     c.record("truncated image, --workers 2", p, "f001.png")
     p = c.run([*camvid, "--workers", "2", "--skip-bad-samples", "--out", str(work / "bs")], fast=False,
-              env={**c.env, "TMPDIR": str(work)})
+              env={"TMPDIR": str(work)})
     c.record("truncated image, --workers 2 --skip-bad-samples", p,
              kind="ok" if p.returncode == 0 and "1 unreadable" in p.stdout else None)
 

@@ -203,6 +203,9 @@ def check_resumable(ckpt, path, cfg, num_classes):
     if differ:
         raise ValueError(f"cannot resume from {path}: this run differs from it in {'; '.join(differ)}. Resume "
                          "with the checkpoint's values, choose another --out, or --resume none to start over")
+    if cfg.optim.iters < ckpt["iteration"]:
+        raise ValueError(f"cannot resume from {path}: it is at iteration {ckpt['iteration']}, past --iters "
+                         f"{cfg.optim.iters} (give --iters {ckpt['iteration']} or more, or --resume none)")
 
 
 def _shown(value):
@@ -246,10 +249,12 @@ def nonfinite_tensors(state, prefix=""):
                 walk(v, f"{name}.{i}" if name else str(i))
 
     walk(state, prefix)
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in named]).tolist()
-    return [name for (name, _), ok in zip(named, finite) if not ok]
+    finite = {}
+    for device in {t.device for _, t in named}:  # one stack per device, one host sync each
+        on = [i for i, (_, t) in enumerate(named) if t.device == device]
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in on]).tolist()
+        finite.update(zip(on, flags))
+    return [name for i, (name, _) in enumerate(named) if not finite[i]]
 
 
 def describe_names(names, most=5):

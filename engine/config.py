@@ -192,8 +192,16 @@ def cache_dir(cfg):
     return Path(cfg.run.cache_dir or os.environ.get("SEGKD_CACHE") or Path.home() / ".cache" / "segkd")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, a value of the wrong type) are raised, so that they end in the one
+    `segkd: error:` line of engine/errors.py like every other; --help still prints and exits."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def parse_config(argv=None, description=None):
-    parser = add_flags(argparse.ArgumentParser(description=description))
+    parser = add_flags(ArgumentParser(description=description))
     return validate(config_from_args(parser.parse_args(argv)))
 
 

@@ -55,7 +55,11 @@ def init_distributed(device="auto"):
 
 
 def init_process_group(backend, rank, world):
-    timeout = timedelta(seconds=float(os.environ.get("SEGKD_DIST_TIMEOUT", "1800")))
+    try:
+        timeout = timedelta(seconds=float(os.environ.get("SEGKD_DIST_TIMEOUT", "1800")))
+    except ValueError:
+        raise ValueError(f"$SEGKD_DIST_TIMEOUT must be a number of seconds, got "
+                         f"{os.environ['SEGKD_DIST_TIMEOUT']!r}") from None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, timeout=timeout)

@@ -5,7 +5,6 @@
 
 The confusion matrix is accumulated on the device and all-reduced, so 1 and N processes give the same mIoU.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -82,12 +81,12 @@ def format_iou(result, class_names, title=""):
 
 def main(argv=None):
     from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors
-    from engine.config import Config, parse_size
+    from engine.config import ArgumentParser, Config, parse_size
     from engine.data import build_dataset, build_val_loader
     from engine.dist import cleanup, init_distributed
     from engine.models import build_model
 
-    p = argparse.ArgumentParser(description="Evaluate a segkd checkpoint (mIoU, per-class IoU).")
+    p = ArgumentParser(description="Evaluate a segkd checkpoint (mIoU, per-class IoU).")
     p.add_argument("--ckpt", required=True, help="checkpoint written by engine/train.py")
     p.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")

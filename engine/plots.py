@@ -12,8 +12,10 @@ import numpy as np  # noqa: E402
 def read_log(path):
     records = []
     for line in Path(path).read_text().splitlines():
-        if line.strip():
+        try:
             records.append(json.loads(line))
+        except ValueError:
+            continue  # blank, or a line cut short by a kill
     return records
 
 

@@ -7,7 +7,6 @@ run takes it over without any stale-lock guessing. The pid in the file is only f
 import fcntl
 import os
 import socket
-import time
 from pathlib import Path
 
 from engine.errors import RunDirectoryBusy
@@ -25,24 +24,16 @@ class DirectoryLock:
         except OSError:
             return "unknown"
 
-    def acquire(self, wait=False, echo=None):
-        """Take the lock; if another process holds it: wait=False raises RunDirectoryBusy naming it, wait=True
-        says so once through `echo` and blocks until it is free."""
+    def acquire(self):
+        """Take the lock, or raise RunDirectoryBusy naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                raise RunDirectoryBusy(f"{self.what} is in use by another segkd process ({self.owner()}; lock "
-                                       f"{self.path}): wait for it to finish, or choose another --out") from None
-            if echo:
-                echo(f"waiting for the other segkd process ({self.owner()}) that holds {self.what}")
-            t0 = time.monotonic()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if echo:
-                echo(f"{self.what} is free after {time.monotonic() - t0:.0f} s")
+            os.close(fd)
+            raise RunDirectoryBusy(f"{self.what} is in use by another segkd process ({self.owner()}; lock "
+                                   f"{self.path}): wait for it to finish, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self.fd = fd

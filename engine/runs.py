@@ -10,17 +10,20 @@ directory is held by one process at a time (hold_directory).
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors, remove_stale_temporaries
+from engine.checkpoint import (check_resumable, describe_names, load_checkpoint, nonfinite_tensors,
+                               remove_stale_temporaries)
 from engine.config import cache_dir
 from engine.data import build_dataset
 from engine.dist import barrier, broadcast_object
-from engine.errors import RunDirectoryBusy
+from engine.errors import RunDirectoryBusy, SegkdError
 from engine.methods import MethodConfig
 from engine.models import build_model
 from engine.runlock import DirectoryLock
@@ -29,8 +32,9 @@ from engine.trainer import Trainer
 
 @contextmanager
 def hold_directory(out, env, what="run directory", echo=print):
-    """Rank 0 holds <out>/.segkd.lock while the body runs; if another process holds it, every rank raises the
-    same RunDirectoryBusy. Temporary files of saves a killed run left behind are removed once it is held."""
+    """Rank 0 holds <out>/.segkd.lock while the body runs; if it cannot (another process holds it, or the folder
+    cannot be written), every rank raises the same error. Temporary files of saves a killed run left behind are
+    removed once it is held."""
     lock, problem = None, None
     if env.is_main:
         try:
@@ -38,11 +42,14 @@ def hold_directory(out, env, what="run directory", echo=print):
             removed = remove_stale_temporaries(out)
             if removed:
                 echo(f"note: removed {removed} temporary file(s) of checkpoint writes interrupted earlier in {out}")
-        except RunDirectoryBusy as e:
-            problem = str(e)
+        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast below
+            if lock is not None:
+                lock.release()
+            problem = ("busy" if isinstance(e, RunDirectoryBusy) else "other",
+                       str(e) if isinstance(e, RunDirectoryBusy) else f"--out {out} cannot be used: {e}")
     problem = broadcast_object(problem)
     if problem:
-        raise RunDirectoryBusy(problem)
+        raise (RunDirectoryBusy if problem[0] == "busy" else SegkdError)(problem[1])
     try:
         yield
     finally:
@@ -61,9 +68,29 @@ def settings_key(cfg, arch, iters, world_size):
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def train_alone(cfg, env, arch, iters, out, method="none"):
-    """Run the trainer with cross-entropy only on `arch` (resuming if an earlier attempt was cut off)."""
-    sub = dataclasses.replace(
+def train_alone(cfg, env, arch, iters, out, method="none", echo=print):
+    """Run the trainer with cross-entropy only on `arch`, resuming an earlier attempt that was cut off. These
+    runs are made for the user (a cached teacher, the student-alone baseline): an attempt left with other
+    settings (an older segkd's, say) that a resume would refuse is started over instead, with a note."""
+    sub = alone_config(cfg, arch, iters, out, method)
+    with hold_directory(out, env, echo=echo):
+        note = None
+        if env.is_main and (Path(out) / "last.pt").exists():
+            try:
+                ckpt = load_checkpoint(Path(out) / "last.pt")
+                check_resumable(ckpt, Path(out) / "last.pt", sub, ckpt["num_classes"])
+            except ValueError as e:
+                note = str(e)
+        note = broadcast_object(note)
+        if note:
+            echo(f"note: starting {out} over: {note}")
+            sub.run.resume = "none"
+        return Trainer(sub, env).fit()
+
+
+def alone_config(cfg, arch, iters, out, method="none"):
+    """The configuration of `arch` trained alone for `iters` iterations in `out`, from the run that needs it."""
+    return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, student=arch, teacher_ckpt="",
                                   pretrained_backbone=cfg.model.pretrained_backbone if arch == cfg.model.student else ""),
@@ -73,8 +100,6 @@ def train_alone(cfg, env, arch, iters, out, method="none"):
         optim=dataclasses.replace(cfg.optim, iters=iters),
         run=dataclasses.replace(cfg.run, out=str(out), resume="auto", eval_interval=0),
     )
-    with hold_directory(out, env):
-        return Trainer(sub, env).fit()
 
 
 def sha256(path):
@@ -119,6 +144,27 @@ def cached_teacher_problem(out):
     return None
 
 
+def wait_for_lock(path, what, env, echo, poll=2.0):
+    """Rank 0 takes the lock `path`, waiting while another process holds it. The other ranks wait with it one
+    poll at a time (a broadcast per poll), so that none sits in one collective past the process-group timeout
+    while another job trains a teacher for hours. -> the held DirectoryLock on rank 0, None elsewhere."""
+    lock, said = DirectoryLock(path, what) if env.is_main else None, False
+    while True:
+        got = None
+        if env.is_main:
+            try:
+                lock.acquire()
+                got = True
+            except RunDirectoryBusy:
+                got = False
+                if not said:
+                    echo(f"waiting for the other segkd process ({lock.owner()}) that holds {what}")
+                    said = True
+        if broadcast_object(got):
+            return lock
+        time.sleep(poll)
+
+
 def ensure_teacher(cfg, env, echo):
     """Path of a trained teacher checkpoint for this run's settings: the cached one, or train it now. Another
     process training the same entry is waited for; a damaged entry is named, removed and trained again."""
@@ -126,20 +172,14 @@ def ensure_teacher(cfg, env, echo):
     key = settings_key(cfg, arch, cfg.run.teacher_iters, env.world_size)
     out = cache_dir(cfg) / "teachers" / f"{cfg.data.dataset}-{arch}-{key}"
     ckpt = out / "last.pt"
-    lock = (DirectoryLock(out.with_name(out.name + ".lock"), f"the cached teacher {out}").acquire(wait=True, echo=echo)
-            if env.is_main else None)
+    lock = wait_for_lock(out.with_name(out.name + ".lock"), f"the cached teacher {out}", env, echo)
     try:
         state = None
-        if env.is_main:
+        if env.is_main:  # a cut-off training is resumed by train_alone, or started over if it cannot be
             state = "train"
             problem = cached_teacher_problem(out) if (out / "results.json").exists() else None
             if problem is None and (out / "results.json").exists():
                 state = "ready"
-            elif problem is None and ckpt.exists():  # a cut-off training: resume it if its checkpoint reads
-                try:
-                    load_checkpoint(ckpt)
-                except ValueError as e:
-                    problem = str(e)
             if problem is not None:
                 echo(f"the cached teacher {out} is damaged: {problem}; training it again")
                 shutil.rmtree(out)
@@ -152,7 +192,7 @@ def ensure_teacher(cfg, env, echo):
         echo(f"no --teacher-ckpt given: training the teacher {arch} on {cfg.data.dataset} for "
              f"{cfg.run.teacher_iters} iterations first; it is cached in {out} and reused by later runs with the "
              "same settings")
-        train_alone(cfg, env, arch, cfg.run.teacher_iters, out)
+        train_alone(cfg, env, arch, cfg.run.teacher_iters, out, echo=echo)
         if env.is_main:
             write_checksum(out)
         barrier()
@@ -202,20 +242,25 @@ def summary(cfg, result, baseline):
     return "\n".join(lines)
 
 
+def write_json_atomic(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
 def cached_baseline(cfg, env, result):
     """The student-alone result for the closing table: recorded when this run was the student alone, trained
     now with --baseline when not cached yet, read from the cache otherwise; None when there is none."""
     base = baseline_path(cfg, env.world_size)
     if cfg.method.method == "none":
         if env.is_main:
-            base.parent.mkdir(parents=True, exist_ok=True)
-            base.write_text(json.dumps({"miou": result["miou"], "run_dir": result["run_dir"]}))
+            write_json_atomic(base, {"miou": result["miou"], "run_dir": result["run_dir"]})
         return None
-    if cfg.run.baseline and not base.exists():
+    if broadcast_object(cfg.run.baseline and not base.exists() if env.is_main else None):  # rank 0 decides
         alone = train_alone(cfg, env, cfg.model.student, cfg.optim.iters, Path(cfg.run.out + "-alone"))
         if env.is_main:
-            base.parent.mkdir(parents=True, exist_ok=True)
-            base.write_text(json.dumps({"miou": alone["miou"], "run_dir": alone["run_dir"]}))
+            write_json_atomic(base, {"miou": alone["miou"], "run_dir": alone["run_dir"]})
         barrier()
     try:
         return json.loads(base.read_text()) if base.exists() else None

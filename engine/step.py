@@ -11,7 +11,6 @@ itself: the caller passes one (engine/profile.py) and the step marks its phases 
 """
 import inspect
 
-import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 

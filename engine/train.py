@@ -32,19 +32,23 @@ def main(argv=None):
     env = init_distributed(cfg.run.device)
     echo = print if env.is_main else (lambda *a, **k: None)
     try:
-        if cfg.run.profile:
+        if cfg.run.profile:  # times the step from fresh weights: nothing of a run in --out is read or written
+            cfg.run.resume = "none"
             with hold_directory(cfg.run.out, env, echo=echo):
                 if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
                     cfg.model.teacher_ckpt = random_teacher(cfg, env, echo)
                 trainer = Trainer(cfg, env, echo)
+                if env.is_main:
+                    (Path(cfg.run.out) / "profile").mkdir(parents=True, exist_ok=True)
+                    (Path(cfg.run.out) / "profile" / "config.json").write_text(cfg.dumps())
                 return profile_run(trainer.step, trainer.batches(trainer.start_iter), env, cfg.run.out,
                                    warmup=cfg.run.profile_warmup, steps=cfg.run.profile,
                                    start_iter=trainer.start_iter, iters=cfg.optim.iters,
                                    title=trainer.profile_title(), notes=trainer.profile_notes, echo=echo)
-        if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
-            cfg.model.teacher_ckpt = ensure_teacher(cfg, env, echo)
-            barrier()
-        with hold_directory(cfg.run.out, env, echo=echo):
+        with hold_directory(cfg.run.out, env, echo=echo):  # first: a busy --out fails before any teacher is trained
+            if method_needs_teacher(cfg.method.method) and not cfg.model.teacher_ckpt:
+                cfg.model.teacher_ckpt = ensure_teacher(cfg, env, echo)
+                barrier()
             result = Trainer(cfg, env, echo).fit()
         echo(summary(cfg, result, cached_baseline(cfg, env, result)))
         return result

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engine import checkpoint, dist
 from engine.config import cache_dir, validate
-from engine.errors import NonFiniteError
+from engine.errors import DiskFullError, NonFiniteError, SegkdError
 from engine.data import build_dataset, build_train_loader, build_val_loader
 from engine.evaluate import evaluate, format_iou
 from engine.memory_format import resolve_channels_last
@@ -122,11 +122,18 @@ class Trainer:
             raise NonFiniteError(f"non-finite weights or statistics at iteration {iteration} "
                                  f"({checkpoint.describe_names(bad)}): no checkpoint written, training stopped; "
                                  f"{kept}. Try a lower --lr, check the data, or run with --precision fp32.")
+        failed = None
         if self.env.is_main:
             ckpt = checkpoint.run_state(self.step, self.cfg, iteration=iteration, num_classes=self.num_classes,
                                         class_names=self.train_set.class_names, rngs=rngs, complete=complete,
                                         metrics=metrics)
-            checkpoint.write_run_checkpoint(ckpt, self.out, self.cfg.run.keep_ckpts)
+            try:
+                checkpoint.write_run_checkpoint(ckpt, self.out, self.cfg.run.keep_ckpts)
+            except SegkdError as e:  # disk full, say: every rank stops with the same line, none waits for rank 0
+                failed = (type(e).__name__, str(e))
+        failed = dist.broadcast_object(failed)
+        if failed:
+            raise (DiskFullError if failed[0] == "DiskFullError" else SegkdError)(failed[1])
 
     # ---------------------------------------------------------------- the step's inputs
     def batches(self, start_iter):
@@ -166,7 +173,7 @@ class Trainer:
             (self.out / "config.json").write_text(cfg.dumps())
         it = self.start_iter
         log_path = self.out / "log.jsonl"
-        if env.is_main and it > 0:
+        if env.is_main:
             self._truncate_log(log_path, it, final_again=it >= iters)
         if it < iters:
             batches = self.batches(it)  # before the RNG restore: a DataLoader iterator draws a seed from it
@@ -238,8 +245,9 @@ class Trainer:
 
     @staticmethod
     def _truncate_log(path, start_iter, final_again):
-        """A resumed run logs from start_iter on: drop the records a killed run wrote after its last checkpoint
-        (and, when a complete run is reported again, its final evaluation), so no iteration appears twice."""
+        """A run logs from start_iter on: drop the records a killed run wrote after its last checkpoint (all of
+        them when it starts from 0; when a complete run is reported again, its final evaluation), so no
+        iteration appears twice."""
         if not path.exists():
             return
         kept = []

@@ -41,7 +41,7 @@ class SharedSettings:
 @dataclass
 class SourceContext:
     """What a method's TrainSource may use: the run's settings and the two networks, nothing of the trainer."""
-    cfg: Any            # the whole engine.config.Config (data-free settings: cfg.datafree)
+    cfg: Any            # the whole engine.config.Config (a method's own settings: cfg.method)
     env: Any            # engine.dist.DistEnv: rank, world size, device
     teacher: Any        # the Frozen teacher (None for methods without one); `teacher.model` runs with autograd
     student: nn.Module  # the bare student (not the DDP wrapper), already on env.device

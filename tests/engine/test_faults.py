@@ -79,6 +79,8 @@ def runs(tmp, *argv):
     (["--device", "tpu"], ["--device 'tpu' is not one of"]),
     (["--wdpd-alpha", "2"], ["--wdpd-alpha must be between 0 and 1"]),
     (["--method", "bogus"], ["unknown --method 'bogus'"]),
+    (["--iters", "abc"], ["argument --iters: invalid int value: 'abc'"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     (["--student", "resnet_bogus", "--method", "none"], ["resnet_bogus"]),
 ])
 def test_bad_values_are_named_before_anything_runs(capfd, tmp_path, argv, names):
@@ -135,6 +137,32 @@ def test_resume_with_other_settings_is_refused_naming_each_flag(capfd, teacher, 
     assert json.loads((Path(out) / "config.json").read_text())["optim"]["lr"] == 0.05  # what ran
 
 
+def test_resume_past_iters_is_refused_and_profile_ignores_the_run(capfd, teacher, tmp_path):
+    out = str(tmp_path / "r")
+    runs(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "4", "--out", out)
+    fails(capfd, tmp_path, ["--method", "kd", "--teacher-ckpt", teacher, "--iters", "2", "--out", out], USAGE,
+          "at iteration 4, past --iters 2")
+    # --profile times fresh weights: a run in --out with other settings is neither refused nor touched
+    mtime = (Path(out) / "last.pt").stat().st_mtime_ns
+    runs(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "4", "--lr", "0.01", "--profile", "1",
+         "--profile-warmup", "0", "--out", out)
+    assert (Path(out) / "last.pt").stat().st_mtime_ns == mtime
+    assert json.loads((Path(out) / "config.json").read_text())["optim"]["lr"] == 0.05
+
+
+def test_a_cut_off_cached_teacher_with_other_settings_is_started_over(capfd, tmp_path):
+    args = ["--method", "kd", "--teacher-iters", "2", "--iters", "1"]
+    runs(tmp_path, *args, "--precision", "fp16", "--out", str(tmp_path / "a"))
+    entry = next(p for p in (tmp_path / "cache" / "teachers").iterdir() if p.is_dir())
+    (entry / "results.json").unlink()  # as if cut off: a checkpoint, no result
+    capfd.readouterr()
+    runs(tmp_path, *args, "--out", str(tmp_path / "b"))  # precision fp32: the same entry, other settings
+    out = capfd.readouterr().out
+    assert f"note: starting {entry} over" in out and "--precision" in out
+    assert (entry / "results.json").exists()
+    assert json.loads((entry / "config.json").read_text())["run"]["precision"] == "auto"
+
+
 def test_a_resumed_log_has_each_iteration_once(teacher, tmp_path):
     out = tmp_path / "r"
     args = ["--method", "kd", "--teacher-ckpt", teacher, "--iters", "6", "--ckpt-interval", "2", "--keep-ckpts",
@@ -147,6 +175,11 @@ def test_a_resumed_log_has_each_iteration_once(teacher, tmp_path):
     train = [r["iter"] for r in records if r["kind"] == "train"]
     evals = [r["iter"] for r in records if r["kind"] == "eval"]
     assert train == [1, 2, 3, 4, 5, 6] and evals == [6]
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "it')  # a line cut short by a kill
+    runs(tmp_path, *args, "--resume", "none")  # starts over: the old records go
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------ nothing lost, nothing poisoned
