@@ -84,7 +84,8 @@ def plot_samples(rows, out_path, palette, mean, std, columns=("image", "ground t
 
 def plot_run(out, title, student, teacher, val_set, device, n=4):
     """The pictures of a finished run: <out>/curves.png from its log.jsonl, and <out>/samples.png, image |
-    ground truth | teacher (when there is one) | student on the first `n` validation images."""
+    ground truth | teacher (when there is one) | student on `n` validation images spread over the split
+    (consecutive ones are near-identical frames in video datasets such as CamVid)."""
     import torch
 
     from engine.evaluate import whole_logits
@@ -95,7 +96,8 @@ def plot_run(out, title, student, teacher, val_set, device, n=4):
     was = student.training
     student.eval()
     with torch.no_grad():
-        for i in range(min(n, len(val_set))):
+        m = min(n, len(val_set))
+        for i in sorted({round(j * (len(val_set) - 1) / max(m - 1, 1)) for j in range(m)}):
             item = val_set[i]
             x = item["image"][None].to(device)
             row = {"image": item["image"].numpy(), "label": item["label"].numpy(),

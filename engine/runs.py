@@ -25,7 +25,7 @@ from engine.data import build_dataset
 from engine.dist import barrier, broadcast_object
 from engine.errors import RunDirectoryBusy, SegkdError
 from engine.methods import MethodConfig
-from engine.models import build_model
+from engine.models import build_model, model_cost
 from engine.runlock import DirectoryLock
 from engine.trainer import Trainer
 
@@ -222,23 +222,33 @@ def baseline_path(cfg, world_size):
 
 
 def summary(cfg, result, baseline):
-    """The closing table of a run."""
+    """The closing table of a run: mIoU, and each model's parameters and FLOPs per image at the training crop
+    (engine/models/cost.py)."""
+    k, crop = len(result["class_names"]), tuple(cfg.data.crop)
+    cost = {arch: model_cost(arch, k, crop) for arch in {cfg.model.student, result.get("teacher")} if arch}
     rows = []
     if "teacher_miou" in result:
-        rows.append(("teacher", result["teacher"], result["teacher_miou"], ""))
+        rows.append(("teacher", result["teacher"], result["teacher"], result["teacher_miou"], ""))
     rows.append(("student", f"{cfg.model.student} + {cfg.method.method}" if cfg.method.method != "none"
-                 else f"{cfg.model.student} alone", result["miou"], result["run_dir"]))
+                 else f"{cfg.model.student} alone", cfg.model.student, result["miou"], result["run_dir"]))
     if cfg.method.method != "none":
         if baseline:
-            rows.append(("student", f"{cfg.model.student} alone", baseline["miou"], f"cached: {baseline['run_dir']}"))
+            rows.append(("student", f"{cfg.model.student} alone", cfg.model.student, baseline["miou"],
+                         f"cached: {baseline['run_dir']}"))
         else:
-            rows.append(("student", f"{cfg.model.student} alone", None,
+            rows.append(("student", f"{cfg.model.student} alone", cfg.model.student, None,
                          "not cached: run with --baseline (or --method none with these settings)"))
     w = max(len(r[1]) for r in rows)
-    lines = [f"\nsegkd summary: {cfg.data.dataset} val, mIoU (%)"]
-    for role, name, miou, note in rows:
+    lines = [f"\nsegkd summary: {cfg.data.dataset} val, mIoU (%); parameters and GFLOPs of one {crop[0]}x{crop[1]} "
+             "image"]
+    for role, name, arch, miou, note in rows:
         shown = f"{100 * miou:5.1f}" if miou is not None else "    -"
-        lines.append(f"  {role:<8} {name:<{w}}  {shown}   {note}")
+        params, flops = cost[arch]
+        lines.append(f"  {role:<8} {name:<{w}}  {shown}  {params / 1e6:7.2f} M {flops / 1e9:8.3f} GFLOPs   {note}")
+    if "teacher_miou" in result:
+        (tp, tf), (sp, sf) = cost[result["teacher"]], cost[cfg.model.student]
+        lines.append(f"  student: {tp / sp:.1f}x fewer parameters, {tf / sf:.1f}x fewer FLOPs than the teacher, "
+                     f"{100 * (result['miou'] - result['teacher_miou']):+.1f} mIoU")
     return "\n".join(lines)
 
 
