@@ -9,8 +9,10 @@ What the exported model takes and gives (also written next to it as <out>.json):
     output  "logits": float32 [B, K, H/8, W/8] (output stride 8; ceil for sizes not divisible by 8), or
             [B, K, H, W] with --upsample (bilinear, align_corners=False, as segkd evaluates); argmax over K
             gives the class index of the checkpoint's class_names
-The batch size is dynamic in both formats; the spatial size is dynamic in TorchScript and fixed to
---height x --width in ONNX (PSPNet's adaptive pyramid pooling depends on it).
+The batch size is dynamic in both formats, the spatial size in TorchScript too. In ONNX the spatial size is
+dynamic (multiples of 8) where the exported graph is right at another size (DeepLabV3), and fixed to
+--height x --width where it is not (PSPNet: the exported adaptive pyramid pooling indexes for one size only);
+<out>.json says which.
 
 The export is checked before it is kept: the exported model and PyTorch run the same random inputs (two batch
 sizes), and the export fails, naming both figures, if the largest logit difference exceeds --tolerance or the
@@ -79,12 +81,15 @@ def onnx_modules():
     return onnx, onnxruntime
 
 
-def export_onnx(deployed, example, out, opset):
+def export_onnx(deployed, example, out, opset, spatial=False):
+    """Write the ONNX file; spatial=True also leaves height and width dynamic (multiples of 8)."""
     onnx, ort = onnx_modules()
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if spatial:
+        dims.update({2: 8 * torch.export.Dim("h8", min=1, max=1024), 3: 8 * torch.export.Dim("w8", min=1, max=1024)})
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
         program = torch.onnx.export(deployed, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits"], dynamic_shapes={"image": {0: batch}},
+                                    output_names=["logits"], dynamic_shapes={"image": dims},
                                     opset_version=opset, verbose=False)
     program.save(str(out))
     onnx.checker.check_model(str(out))
@@ -143,32 +148,47 @@ def main(argv=None):
     shape = (1, 3, a.height, a.width)
     example = torch.randn(shape)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run = (export_onnx(deployed, example, out, a.opset) if a.format == "onnx"
-           else export_torchscript(deployed, example, out))
     shapes = [(1, 3, a.height, a.width), (3, 3, a.height, a.width)]  # two batch sizes
-    if a.format == "torchscript":  # and another spatial size, which TorchScript takes
-        shapes.append((2, 3, a.height + 24, a.width + 8))
-    worst, agreement = parity(run, deployed, shapes)
+    other = (2, 3, a.height + 16, a.width + 8)  # and another spatial size, where the format takes it
+    spatial = a.format == "torchscript"
+    if a.format == "onnx":
+        if a.height % 8 == 0 and a.width % 8 == 0:
+            try:
+                run = export_onnx(deployed, example, out, a.opset, spatial=True)
+                spatial = parity(run, deployed, [other])[0] <= a.tolerance
+            except Exception:  # the exporter, or the exported graph at another size: a fixed size then
+                spatial = False
+        if not spatial:
+            run = export_onnx(deployed, example, out, a.opset)
+    else:
+        run = export_torchscript(deployed, example, out)
+    worst, agreement = parity(run, deployed, shapes + ([other] if spatial else []))
     if worst > a.tolerance or agreement < a.min_agreement:
         out.unlink(missing_ok=True)
         raise ValueError(f"the {a.format} export of {a.ckpt} does not match PyTorch: largest logit difference "
                          f"{worst:.3g} (--tolerance {a.tolerance:g}), argmax agreement {agreement:.5f} "
                          f"(--min-agreement {a.min_agreement:g}); nothing was kept")
     h8, w8 = -(-a.height // 8), -(-a.width // 8)
+    if spatial:
+        out_hw = ["height", "width"] if a.upsample else ["ceil(height / 8)", "ceil(width / 8)"]
+    else:
+        out_hw = [a.height, a.width] if a.upsample else [h8, w8]
     spec = {
         "checkpoint": str(a.ckpt), "arch": ckpt["arch"], "iteration": ckpt["iteration"], "format": a.format,
         "num_classes": ckpt["num_classes"], "class_names": ckpt.get("class_names", []),
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW, RGB in [0, 1], then (x - mean) / std",
                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                  "shape": ["batch", 3, a.height if a.format == "onnx" else "height",
-                            a.width if a.format == "onnx" else "width"]},
+                  "shape": ["batch", 3, "height" if spatial else a.height, "width" if spatial else a.width],
+                  "spatial_size": "dynamic" + (" (multiples of 8)" if a.format == "onnx" else "") if spatial
+                  else f"fixed at {a.height}x{a.width}"},
         "output": {"name": "logits", "dtype": "float32",
-                   "shape": ["batch", ckpt["num_classes"], *((a.height, a.width) if a.upsample else (h8, w8))],
+                   "shape": ["batch", ckpt["num_classes"], *out_hw],
                    "meaning": "class scores; argmax over dim 1 gives the class index of class_names"},
         "parity": {"max_abs_logit_difference": worst, "argmax_agreement": agreement},
     }
     Path(f"{out}.json").write_text(json.dumps(spec, indent=2))
-    print(f"exported {ckpt['arch']} ({a.ckpt}, iteration {ckpt['iteration']}) as {a.format} to {out}; parity "
+    print(f"exported {ckpt['arch']} ({a.ckpt}, iteration {ckpt['iteration']}) as {a.format} to {out} (spatial "
+          f"size {spec['input']['spatial_size']}); parity "
           f"with PyTorch: largest logit difference {worst:.2e}, argmax agreement {100 * agreement:.3f}%; "
           f"preprocessing and shapes in {out}.json")
     return spec

@@ -33,6 +33,7 @@ def test_torchscript_export_matches_pytorch_at_any_batch_and_size(student, tmp_p
 
 
 def test_onnx_export_with_a_dynamic_batch(student, tmp_path):
+    """pspnet: the exported pyramid pooling is right at one size only, so the size is fixed."""
     pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install -e '.[export]')")
     pytest.importorskip("onnxscript", reason="the export extra is not installed (pip install -e '.[export]')")
     import onnxruntime
@@ -40,7 +41,7 @@ def test_onnx_export_with_a_dynamic_batch(student, tmp_path):
     out = tmp_path / "m.onnx"
     spec = export_cli.main(["--ckpt", str(student), "--format", "onnx", "--out", str(out), "--height", "64",
                             "--width", "48"])
-    assert spec["output"]["shape"] == ["batch", 8, 8, 6]
+    assert spec["output"]["shape"] == ["batch", 8, 8, 6] and spec["input"]["spatial_size"] == "fixed at 64x48"
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(5, 3, 64, 48)
     model_pt, _ = export_cli.load_model(student)
@@ -73,3 +74,23 @@ def test_export_bad_input_is_one_line(capfd, student, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     fails(capfd, tmp_path, ["--ckpt", str(student), "--format", "onnx", *base], USAGE, "'onnxruntime'",
           '.[export]', command=export_cli)
+
+
+def test_onnx_export_of_deeplab_keeps_the_size_dynamic(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install -e '.[export]')")
+    pytest.importorskip("onnxscript", reason="the export extra is not installed (pip install -e '.[export]')")
+    import onnxruntime
+
+    train([*FAST, "--method", "none", "--student", "deeplabv3_tiny", "--iters", "1", "--out", str(tmp_path / "r"),
+           "--cache-dir", str(tmp_path / "cache")])
+    ckpt = tmp_path / "r" / "last.pt"
+    spec = export_cli.main(["--ckpt", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "d.onnx"), "--height",
+                            "32", "--width", "48"])
+    assert spec["input"]["spatial_size"] == "dynamic (multiples of 8)"
+    session = onnxruntime.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    model, _ = export_cli.load_model(ckpt)
+    x = torch.randn(2, 3, 56, 24)
+    with torch.no_grad():
+        want = model(x).logits
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), want, atol=1e-4,
+                               rtol=1e-4)
