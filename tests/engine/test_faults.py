@@ -16,21 +16,13 @@ import torch
 from engine import evaluate as evaluate_cli
 from engine import train as train_cli
 from engine.checkpoint import load_checkpoint, nonfinite_tensors
-from engine.models import build_model
 from engine.runlock import DirectoryLock
+from speed_testing import teacher  # noqa: F401  (a random pspnet_tiny teacher, module-scoped)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "2", "--log-interval", "1",
         "--eval-interval", "0", "--teacher", "pspnet_tiny", "--student", "pspnet_tiny"]
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(1)
-    torch.save(build_model("pspnet_tiny", 8).state_dict(), path)
-    return str(path)
 
 
 def one_error_line(text):
