@@ -107,7 +107,14 @@ def score_pool(teacher, pool, layers="all", batch_size=16, device="cpu", workers
     """ADS score of every image of `pool` (an eval-mode ImagePool) -> np.float64 [N]; see the module docstring.
 
     `teacher`: the bare teacher network in eval mode. Images are batched by size so no resize distorts them.
+    The global torch RNG is left as it was (the loader draws a seed from it): a run draws the same random
+    stream whether the scores were computed now or read from the cache.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _score_pool(teacher, pool, layers, batch_size, device, workers)
+
+
+def _score_pool(teacher, pool, layers, batch_size, device, workers):
     pick = parse_layers(layers)
     groups = {}
     for i in range(len(pool)):

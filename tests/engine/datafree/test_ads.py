@@ -63,3 +63,14 @@ def test_keep_count_and_selection_order():
         with pytest.raises(ValueError, match="--ads-keep"):
             ads.keep_count(10, bad)
     assert ads.select(np.array([3.0, 1.0, 2.0, 1.0]), 3).tolist() == [1, 3, 2]
+
+
+def test_scoring_leaves_the_random_stream_alone(random_teacher, pool):
+    """A dfss run draws the same random numbers whether ADS scored the pool now or read its cache."""
+    model, _ = load_teacher(random_teacher, "pspnet_tiny", 8)
+    files = list_images(pool)[:4]
+    data = ads.scoring_pool(pool, files, "crop", (32, 32), 0)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    ads.score_pool(model, data, "all", 2, "cpu", 0)
+    assert torch.equal(before, torch.get_rng_state())
