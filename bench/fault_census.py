@@ -173,7 +173,8 @@ def main(argv=None):
     # ---- Ctrl-C
     out = work / "c"
     proc = subprocess.Popen(c.cmd("train.py", [*FAST, "--method", "kd", *t, "--iters", "400", "--ckpt-interval", "2",
-                                               "--out", str(out), "--cache-dir", str(work / "cache")]),
+                                               "--keep-ckpts", "1000", "--out", str(out), "--cache-dir",
+                                               str(work / "cache")]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

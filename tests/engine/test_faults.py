@@ -350,7 +350,7 @@ def test_a_bad_sample_in_a_worker_reads_as_with_no_workers(tmp_path):
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(teacher, tmp_path):
     out = tmp_path / "r"
     argv = [*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "400", "--ckpt-interval", "2",
-            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+            "--keep-ckpts", "1000", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # ckpt_4 stays
     # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: give the run the terminal's default, as when a user presses Ctrl-C
     p = subprocess.Popen(command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -358,6 +358,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(teacher, tmp_path):
     deadline = time.time() + 120
     while not (out / "ckpt_0000004.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == INTERRUPTED, err[-2000:]
@@ -419,7 +420,7 @@ def test_elastic_restarts_recover_five_of_five(teacher, tmp_path):
     """torchrun --max-restarts=1, one rank killed (-9) after a checkpoint, rank 1 and rank 0 in turn: each run
     finishes, resumed from its checkpoint, with the weights of a run never killed."""
     argv = [*FAST, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "80", "--ckpt-interval", "20",
-            "--log-interval", "10", "--cache-dir", str(tmp_path / "cache")]
+            "--keep-ckpts", "1000", "--log-interval", "10", "--cache-dir", str(tmp_path / "cache")]
     want = straight_weights(tmp_path, teacher, argv, world=2)
     for trial in range(5):
         out = tmp_path / f"trial{trial}"
