@@ -4,9 +4,10 @@
 
 For each model: parameters and GFLOPs of one image at --size (counted, engine/models/cost.py), latency on this
 machine at batch 1 and batch 8 (median of --repeats timed forward passes after warm-up, in --precision), peak
-memory of the batch-8 forward (CUDA only: the allocator's peak; on a CPU the process's memory cannot be
-attributed to one forward, so it is not reported), and mIoU on --split of the student's dataset (whole-image
-inference). The table ends with "student: N x fewer FLOPs, M x faster, -x.x mIoU" and is written to
+memory of a batch-8 forward (CUDA: the allocator's peak, weights included; CPU: how far the resident memory of a
+fresh process grows from building the model to the end of that forward, weights included, measured in a
+process of its own so that nothing else the command holds is counted), and mIoU on --split of the student's
+dataset (whole-image inference). The table ends with "student: N x fewer FLOPs, M x faster, -x.x mIoU" and is written to
 compare.md and compare.json in the student's run directory (or --out).
 
 The teacher may be a segkd checkpoint or a raw state dict of --teacher-arch (as --teacher-ckpt takes it).
@@ -42,9 +43,12 @@ def latency_ms(model, size, batch, device, dtype, repeats, warmup=2):
     return statistics.median(times)
 
 
-def peak_mb(model, size, device, dtype):
+def peak_mb(model, size, device, dtype, arch, num_classes):
     if device.type != "cuda":
-        return None
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(cpu_peak_mb, (arch, num_classes, size, dtype))
     from engine.precision import autocast
 
     torch.cuda.reset_peak_memory_stats(device)
@@ -52,6 +56,30 @@ def peak_mb(model, size, device, dtype):
         model(torch.randn(8, 3, *size, device=device))
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _proc_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_mb(arch, num_classes, size, dtype):
+    """In a fresh process: MiB the resident set grows by (its peak, VmHWM) from before the model is built to the
+    end of one batch-8 forward. The weights' values do not change the figure, so the model is built afresh."""
+    import torch as _torch
+
+    from engine.models import build_model
+    from engine.precision import autocast
+
+    _torch.set_num_threads(1)
+    x = _torch.randn(8, 3, *size)
+    before = _proc_kib("VmRSS")
+    model = build_model(arch, num_classes).eval()
+    with _torch.inference_mode(), autocast(_torch.device("cpu"), dtype):
+        model(x)
+    return (_proc_kib("VmHWM") - before) / 1024
 
 
 def main(argv=None):
@@ -104,7 +132,7 @@ def main(argv=None):
         rows[role] = {"arch": arch, "params": params, "gflops": flops / 1e9,
                       "ms_batch1": latency_ms(model, a.size, 1, dev, dtype, a.repeats),
                       "ms_batch8": latency_ms(model, a.size, 8, dev, dtype, a.repeats),
-                      "peak_mb_batch8": peak_mb(model, a.size, dev, dtype),
+                      "peak_mb_batch8": peak_mb(model, a.size, dev, dtype, arch, k),
                       "miou": evaluate(model, loader, k, dev, ignore_index=ds.ignore_index, dtype=dtype)["miou"]}
     t, s = rows["teacher"], rows["student"]
     verdict = (f"student: {t['gflops'] / s['gflops']:.1f}x fewer FLOPs, {t['params'] / s['params']:.1f}x fewer "
@@ -115,7 +143,7 @@ def main(argv=None):
              "", "| model | params (M) | GFLOPs | ms, batch 1 | ms, batch 8 | peak MiB, batch 8 | mIoU |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for role, r in rows.items():
-        peak = f"{r['peak_mb_batch8']:.0f}" if r["peak_mb_batch8"] is not None else "- (CPU)"
+        peak = f"{r['peak_mb_batch8']:.0f}"
         lines.append(f"| {role}: {r['arch']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['ms_batch1']:.1f} | "
                      f"{r['ms_batch8']:.1f} | {peak} | {100 * r['miou']:.1f} |")
     lines += ["", verdict]

@@ -29,7 +29,7 @@ def test_the_table_counts_times_and_scores_both_models(pair, tmp_path, capsys):
         params, flops = model_cost(arch, 8, (48, 64))
         assert rows[role]["arch"] == arch and rows[role]["params"] == params
         assert rows[role]["gflops"] == pytest.approx(flops / 1e9)
-        assert rows[role]["ms_batch1"] > 0 and rows[role]["ms_batch8"] > 0
+        assert rows[role]["ms_batch1"] > 0 and rows[role]["ms_batch8"] > 0 and rows[role]["peak_mb_batch8"] > 0
     scored = evaluate_cli.main(["--ckpt", str(student), "--val-size", "4", "--workers", "0"])
     assert rows["student"]["miou"] == pytest.approx(scored["miou"])
     printed = capsys.readouterr().out
@@ -48,3 +48,10 @@ def test_a_raw_teacher_needs_its_architecture(capfd, pair, tmp_path):
     rows = compare_cli.main(["--teacher", str(raw), "--teacher-arch", "deeplabv3_tiny", "--student", str(student),
                              "--size", "32", "--repeats", "1", "--val-size", "2", "--out", str(tmp_path)])
     assert rows["teacher"]["arch"] == "deeplabv3_tiny"
+
+
+def test_cpu_peak_memory_grows_with_the_input():
+    """The CPU figure is a fresh process's resident-set growth: 16x the pixels must cost clearly more."""
+    small = compare_cli.peak_mb(None, (64, 64), torch.device("cpu"), None, "pspnet_small", 8)
+    large = compare_cli.peak_mb(None, (256, 256), torch.device("cpu"), None, "pspnet_small", 8)
+    assert 0 < small < large and large - small > 20, (small, large)
