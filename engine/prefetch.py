@@ -8,7 +8,11 @@ class DevicePrefetcher:
     """Batches on the device, one iteration ahead when `ahead`.
 
     On CUDA the host-to-device copy of batch n+1 is issued on a side stream (non-blocking, from the loader's
-    pinned memory) while step n runs; the compute stream waits for it only when it takes the batch. On CPU
+    pinned memory) while step n runs; the compute stream waits for it only when it takes the batch. A loader
+    that hands over CUDA tensors (DALI's GPU pipeline) wrote them on the compute stream, so the side stream first
+    waits for what the compute stream has queued until then; tensors the side stream makes are recorded on the
+    compute stream that uses them, and the loader's CUDA tensors on the side stream that reads them, so the
+    allocator reuses no memory before its last reader is done. On CPU
     it only moves tensors (a no-op): the DataLoader's workers already prefetch. ahead=False for a source
     whose next batch depends on the step before it (dfad's generator).
     """
@@ -22,6 +26,8 @@ class DevicePrefetcher:
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
+                if v.is_cuda and self.stream is not None:
+                    v.record_stream(self.stream)  # read here, freed by the loader: not reusable before that read
                 v = v.to(self.device, non_blocking=True)
                 if k == "image":
                     v = images_to(v, self.channels_last)
@@ -34,6 +40,7 @@ class DevicePrefetcher:
             return None
         if self.stream is None:
             return self._to_device(batch)
+        self.stream.wait_stream(torch.cuda.current_stream())  # a CUDA batch may still be being written there
         with torch.cuda.stream(self.stream):
             return self._to_device(batch)
 
