@@ -249,6 +249,7 @@ def _(student, teacher, mode, stats, grad_loss):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no full-size zero gradient for the outputs that take none
     student, teacher, mode = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(student, teacher, output[1])

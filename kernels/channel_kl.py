@@ -149,6 +149,7 @@ def _(student, teacher, temperature, write_grad):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no full-size zero gradient for the outputs that take none
     grad = output[1]
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)

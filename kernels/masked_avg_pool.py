@@ -178,6 +178,7 @@ def _(grad_protos, labels, counts, feat_like, ignore_index):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no full-size zero gradient for the outputs that take none
     feat, labels, num_classes, ignore_index = inputs
     ctx.mark_non_differentiable(output[1])
     # Only the shape and dtype of feat are needed: keep an empty stand-in, not the features.

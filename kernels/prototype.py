@@ -190,6 +190,7 @@ def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no full-size zero gradient for the outputs that take none
     _, gf, ga = output
     ctx.mark_non_differentiable(gf, ga)
     ctx.save_for_backward(gf, ga)
