@@ -68,6 +68,21 @@ def write_error(error, path):
     return SegkdError(f"could not write the checkpoint {path} ({error.strerror or error}); {kept}")
 
 
+def write_text_atomic(path, text):
+    """Write a small text file (a log, a JSON record) so that a kill leaves the old content or the new, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def kept_note(out):
+    """What a run that stops now leaves behind, for its error message."""
+    last = Path(out) / "last.pt"
+    return f"the last good checkpoint {last} is intact" if last.exists() else "no checkpoint had been written yet"
+
+
 def remove_stale_temporaries(folder):
     """Temporary files of saves interrupted by a kill (a completed or failed save removes its own): called by the
     one process that holds the run directory (engine/runlock.py), so none of them is being written."""
@@ -232,7 +247,7 @@ def restore(step, ckpt, path, method_spec):
     return ckpt["iteration"], ckpt["rng"]
 
 
-def nonfinite_tensors(state, prefix=""):
+def nonfinite_tensors(state):
     """Names of the floating-point tensors of a (nested) state dict that hold a NaN or an infinity; one host
     sync for the whole dict."""
     named = []
@@ -248,7 +263,7 @@ def nonfinite_tensors(state, prefix=""):
             for i, v in enumerate(obj):
                 walk(v, f"{name}.{i}" if name else str(i))
 
-    walk(state, prefix)
+    walk(state, "")
     finite = {}
     for device in {t.device for _, t in named}:  # one stack per device, one host sync each
         on = [i for i, (_, t) in enumerate(named) if t.device == device]

@@ -2,10 +2,10 @@
 
 Elastic restarts (torchrun --max-restarts=N): after a rank dies, torchrun starts the whole group again on the
 same rendezvous store, which still holds the first attempt's keys. gloo's full-mesh connect can read a dead
-rank's address from them and fail with "Connection refused" (seen in 3 of 6 restarts with a plain init, on
-this torch). So each attempt's process group lives under a key prefix of its own (the restart count), and
-collectives time out after $SEGKD_DIST_TIMEOUT seconds (default 1800, torch's) so a peer that is gone ends the
-attempt instead of hanging it.
+rank's address from them and fail with "Connection refused" (2 of 3 restarts here with a plain init, 3 of 6 in
+the issue's tries, on this torch). So each attempt's process group lives under a key prefix of its own (the
+restart count), and collectives time out after $SEGKD_DIST_TIMEOUT seconds (default 1800, torch's) so a peer
+that is gone ends the attempt instead of hanging it.
 """
 import os
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 
     segkd: error: <what went wrong, naming the flag, file or value>
 
-and an exit code that says which kind it was (README: "Errors and exit codes"):
+and an exit code that says which kind it was (README: "Errors, exit codes and faults"):
 
     2    usage or data: a bad flag or value, a missing or unreadable file, a dataset that does not fit, a
          checkpoint that cannot be resumed; fix the input and run again
@@ -42,8 +42,6 @@ USAGE = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, F
 def exit_code(error):
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return EXIT_RUNTIME
     if isinstance(error, SegkdError):
         return EXIT_RUNTIME
     return EXIT_USAGE if isinstance(error, USAGE) else EXIT_RUNTIME

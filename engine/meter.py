@@ -4,11 +4,11 @@ The loop adds each step's terms without a host sync; at a log line or before a c
 one sync: the mean of every term over the interval and the ranks, or a NonFiniteLossError that names the first
 iteration and the terms that went non-finite.
 """
-from pathlib import Path
 
 import torch
 
 from engine import dist
+from engine.checkpoint import kept_note
 from engine.errors import NonFiniteError
 
 
@@ -53,14 +53,11 @@ class TermMeter:
         host = packed.tolist()
         if host[-1] > 0:
             bad = [names[i] for i in range(n) if host[n + i] > 0]
-            last = Path(out) / "last.pt"
-            kept = (f"the last good checkpoint {last} is intact" if last.exists()
-                    else "no checkpoint had been written yet")
             values = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, self.last.tolist()))
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {int(first_bad)}: term(s) {', '.join(bad)} "
                 f"(values at the latest step: {values}). "
-                f"Training stopped; {kept}. Try a lower --lr, check the data, or run with --precision fp32.")
+                f"Training stopped; {kept_note(out)}. Try a lower --lr, check the data, or run with --precision fp32.")
         means = [v / (self.count * world_size) for v in host[:n]]
         self.sums.zero_()
         self.count = 0

@@ -13,7 +13,7 @@ from engine.errors import RunDirectoryBusy
 
 
 class DirectoryLock:
-    """with DirectoryLock(path, what): ... holds <path> (a lock file) exclusively."""
+    """DirectoryLock(path, what).acquire() holds <path> (a lock file) exclusively until release()."""
 
     def __init__(self, path, what):
         self.path, self.what, self.fd = Path(path), what, None
@@ -44,9 +44,3 @@ class DirectoryLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self):
-        return self if self.fd is not None else self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()

@@ -10,7 +10,6 @@ directory is held by one process at a time (hold_directory).
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import (check_resumable, describe_names, load_checkpoint, nonfinite_tensors,
-                               remove_stale_temporaries)
+                               remove_stale_temporaries, write_text_atomic)
 from engine.config import cache_dir
 from engine.data import build_dataset
 from engine.dist import barrier, broadcast_object
@@ -45,11 +44,10 @@ def hold_directory(out, env, what="run directory", echo=print):
         except Exception as e:  # every rank must learn of it, or the others wait in the broadcast below
             if lock is not None:
                 lock.release()
-            problem = ("busy" if isinstance(e, RunDirectoryBusy) else "other",
-                       str(e) if isinstance(e, RunDirectoryBusy) else f"--out {out} cannot be used: {e}")
+            problem = e if isinstance(e, RunDirectoryBusy) else SegkdError(f"--out {out} cannot be used: {e}")
     problem = broadcast_object(problem)
-    if problem:
-        raise (RunDirectoryBusy if problem[0] == "busy" else SegkdError)(problem[1])
+    if problem is not None:
+        raise problem
     try:
         yield
     finally:
@@ -112,8 +110,8 @@ def sha256(path):
 
 def write_checksum(out):
     ckpt = Path(out) / "last.pt"
-    (Path(out) / "checksum.json").write_text(json.dumps({"file": "last.pt", "sha256": sha256(ckpt),
-                                                         "bytes": ckpt.stat().st_size}))
+    write_text_atomic(Path(out) / "checksum.json", json.dumps({"file": "last.pt", "sha256": sha256(ckpt),
+                                                               "bytes": ckpt.stat().st_size}))
 
 
 def cached_teacher_problem(out):
@@ -252,25 +250,18 @@ def summary(cfg, result, baseline):
     return "\n".join(lines)
 
 
-def write_json_atomic(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
-
-
 def cached_baseline(cfg, env, result):
     """The student-alone result for the closing table: recorded when this run was the student alone, trained
     now with --baseline when not cached yet, read from the cache otherwise; None when there is none."""
     base = baseline_path(cfg, env.world_size)
     if cfg.method.method == "none":
         if env.is_main:
-            write_json_atomic(base, {"miou": result["miou"], "run_dir": result["run_dir"]})
+            write_text_atomic(base, json.dumps({"miou": result["miou"], "run_dir": result["run_dir"]}))
         return None
     if broadcast_object(cfg.run.baseline and not base.exists() if env.is_main else None):  # rank 0 decides
         alone = train_alone(cfg, env, cfg.model.student, cfg.optim.iters, Path(cfg.run.out + "-alone"))
         if env.is_main:
-            write_json_atomic(base, {"miou": alone["miou"], "run_dir": alone["run_dir"]})
+            write_text_atomic(base, json.dumps({"miou": alone["miou"], "run_dir": alone["run_dir"]}))
         barrier()
     try:
         return json.loads(base.read_text()) if base.exists() else None

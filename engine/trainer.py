@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engine import checkpoint, dist
 from engine.config import cache_dir, validate
-from engine.errors import DiskFullError, NonFiniteError, SegkdError
+from engine.errors import NonFiniteError, SegkdError
 from engine.data import build_dataset, build_train_loader, build_val_loader
 from engine.evaluate import evaluate, format_iou
 from engine.memory_format import resolve_channels_last
@@ -110,30 +110,26 @@ class Trainer:
         weight or buffer has gone non-finite (BatchNorm statistics do one step before the loss): then no rank
         writes and the run stops, so that last.pt stays the last good state."""
         rngs = dist.all_gather_object(checkpoint.rng_state())
-        bad = None
+        error = None
         if self.env.is_main:
-            bad = checkpoint.nonfinite_tensors({"student": self.student.state_dict(),
-                                                "method": self.step.method.state_dict()})
-        bad = dist.broadcast_object(bad)
-        if bad:
-            last = self.out / "last.pt"
-            kept = (f"the last good checkpoint {last} is intact" if last.exists()
-                    else "no checkpoint had been written yet")
-            raise NonFiniteError(f"non-finite weights or statistics at iteration {iteration} "
-                                 f"({checkpoint.describe_names(bad)}): no checkpoint written, training stopped; "
-                                 f"{kept}. Try a lower --lr, check the data, or run with --precision fp32.")
-        failed = None
-        if self.env.is_main:
-            ckpt = checkpoint.run_state(self.step, self.cfg, iteration=iteration, num_classes=self.num_classes,
-                                        class_names=self.train_set.class_names, rngs=rngs, complete=complete,
-                                        metrics=metrics)
             try:
+                bad = checkpoint.nonfinite_tensors({"student": self.student.state_dict(),
+                                                    "method": self.step.method.state_dict()})
+                if bad:
+                    raise NonFiniteError(
+                        f"non-finite weights or statistics at iteration {iteration} "
+                        f"({checkpoint.describe_names(bad)}): no checkpoint written, training stopped; "
+                        f"{checkpoint.kept_note(self.out)}. Try a lower --lr, check the data, or run with "
+                        "--precision fp32.")
+                ckpt = checkpoint.run_state(self.step, self.cfg, iteration=iteration, num_classes=self.num_classes,
+                                            class_names=self.train_set.class_names, rngs=rngs, complete=complete,
+                                            metrics=metrics)
                 checkpoint.write_run_checkpoint(ckpt, self.out, self.cfg.run.keep_ckpts)
-            except SegkdError as e:  # disk full, say: every rank stops with the same line, none waits for rank 0
-                failed = (type(e).__name__, str(e))
-        failed = dist.broadcast_object(failed)
-        if failed:
-            raise (DiskFullError if failed[0] == "DiskFullError" else SegkdError)(failed[1])
+            except SegkdError as e:  # every rank stops with the same error; none waits for rank 0 in a collective
+                error = e
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise error
 
     # ---------------------------------------------------------------- the step's inputs
     def batches(self, start_iter):
@@ -259,9 +255,7 @@ class Trainer:
             if record.get("iter", 0) < start_iter or (record.get("iter") == start_iter and not (
                     final_again and record.get("kind") == "eval")):
                 kept.append(line)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        checkpoint.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _log(self, path, record):
         if self.env.is_main:
