@@ -277,6 +277,24 @@ def describe_names(names, most=5):
     return f"{len(names)} tensor(s): {shown}" + (", ..." if len(names) > most else "")
 
 
+def load_model(path):
+    """(the student of a segkd checkpoint in eval mode, the checkpoint) for evaluate.py, export.py and compare.py:
+    one clear error for a file that is not a checkpoint, holds non-finite weights or does not fit its arch."""
+    from engine.models import build_model
+
+    ckpt = load_checkpoint(path)
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights ({describe_names(bad)}): it cannot be used; "
+                         "take an earlier checkpoint")
+    model = build_model(ckpt["arch"], ckpt["num_classes"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit its architecture {ckpt['arch']!r}: {e}") from e
+    return model.eval(), ckpt
+
+
 def rng_state():
     """RNG states of this process (torch CPU, CUDA, numpy, python), as tensors and plain values."""
     np_state = np.random.get_state()

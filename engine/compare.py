@@ -83,12 +83,11 @@ def cpu_peak_mb(arch, num_classes, size, dtype):
 
 
 def main(argv=None):
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint, load_model
     from engine.config import ArgumentParser, Config, parse_size
     from engine.data import build_dataset, build_val_loader
     from engine.dist import init_distributed
     from engine.evaluate import evaluate
-    from engine.export import load_model
     from engine.models import model_cost
     from engine.precision import resolve_precision
     from engine.teacher import load_teacher

@@ -80,11 +80,10 @@ def format_iou(result, class_names, title=""):
 
 
 def main(argv=None):
-    from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors
+    from engine.checkpoint import load_model
     from engine.config import ArgumentParser, Config, parse_size
     from engine.data import build_dataset, build_val_loader
     from engine.dist import cleanup, init_distributed
-    from engine.models import build_model
 
     p = ArgumentParser(description="Evaluate a segkd checkpoint (mIoU, per-class IoU).")
     p.add_argument("--ckpt", required=True, help="checkpoint written by engine/train.py")
@@ -107,7 +106,7 @@ def main(argv=None):
 
     env = init_distributed(args.device)
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        model, ckpt = load_model(args.ckpt)
         cfg = Config.from_dict(ckpt["config"])
         dataset = args.dataset or cfg.data.dataset
         root = cfg.data.data_root if args.data_root is None else args.data_root
@@ -115,15 +114,6 @@ def main(argv=None):
         if ds.num_classes != ckpt["num_classes"]:
             raise ValueError(f"checkpoint {args.ckpt} has {ckpt['num_classes']} classes but dataset {dataset} "
                              f"has {ds.num_classes}")
-        bad = nonfinite_tensors(ckpt["model"])
-        if bad:
-            raise ValueError(f"checkpoint {args.ckpt} holds non-finite weights ({describe_names(bad)}): it cannot "
-                             "be scored; evaluate an earlier checkpoint")
-        model = build_model(ckpt["arch"], ckpt["num_classes"])
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {args.ckpt} does not fit its architecture {ckpt['arch']!r}: {e}") from e
         model.to(env.device)
         items = torch.utils.data.Subset(ds, range(min(args.val_size, len(ds)))) if args.val_size else ds
         loader = build_val_loader(items, args.batch_size, workers=args.workers, rank=env.rank,

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.checkpoint import load_model  # noqa: E402
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 FORMATS = ("onnx", "torchscript")
@@ -50,23 +51,6 @@ class Deployed(nn.Module):
         if self.upsample:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return logits
-
-
-def load_model(path):
-    """(model in eval mode, checkpoint) from a segkd checkpoint; one clear error for anything else."""
-    from engine.checkpoint import describe_names, load_checkpoint, nonfinite_tensors
-    from engine.models import build_model
-
-    ckpt = load_checkpoint(path)
-    bad = nonfinite_tensors(ckpt["model"])
-    if bad:
-        raise ValueError(f"--ckpt {path} holds non-finite weights ({describe_names(bad)}): nothing to export")
-    model = build_model(ckpt["arch"], ckpt["num_classes"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"--ckpt {path} does not fit its architecture {ckpt['arch']!r}: {e}") from e
-    return model.eval(), ckpt
 
 
 def onnx_modules():
