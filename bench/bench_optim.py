@@ -4,7 +4,8 @@
     python bench/bench_optim.py --student pspnet_tiny --small
 
 One SGD step (momentum 0.9, weight decay 1e-4) of the optimizer a TrainStep builds (engine/step.py, as
-the trainer builds it) over the student's and the method's trainable parameters, with random gradients; median ms over --iters steps after --warmup, per implementation:
+the trainer builds it) over the student's and the method's trainable parameters, with random gradients;
+median ms over --iters steps after --warmup, per implementation:
 torch fused, torch foreach, the per-parameter loop, and apex's FusedSGD when apex is importable (CUDA).
 Results: bench/results/optim_<device>.md / .json.
 """
