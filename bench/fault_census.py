@@ -242,7 +242,8 @@ def check_finite(c, path):
 
 def make_poisoned(c, src, dst):
     code = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
-            "c['model']['classifier.weight'] = c['model']['classifier.weight'] * float('inf'); torch.save(c, sys.argv[2])")
+            "c['model']['classifier.weight'] = c['model']['classifier.weight'] * float('inf'); "
+            "torch.save(c, sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(src), str(dst)], check=True, env=c.env)
 
 
