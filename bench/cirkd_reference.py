@@ -145,13 +145,16 @@ class CriterionAPD(nn.Module):
         l_rec = 1 - mean over present (image, class) of cos(A_s, A_t)
         l_ob  = CIRKD's CriterionKD (T = 1) between the student's and the teacher's observation logits
         l_kd  = CriterionKD(T) on the logits
+    and with kd_unit "element" (segkd's default, the APD code's KLDivLoss() mean) l_kd / C and l_ob / mean_b K_b.
 
     Absent classes get the logit ABSENT, as in segkd, so both observations are softmaxes over the same classes.
     The projectors have segkd's APD names and shapes. Returns (l_kd, l_ob, l_rec, l_t), unweighted.
     """
 
-    def __init__(self, s_channels, t_channels, num_classes, tau=0.1, temperature=1.0, ignore_index=255):
+    def __init__(self, s_channels, t_channels, num_classes, tau=0.1, temperature=1.0, ignore_index=255,
+                 kd_unit="element"):
         super().__init__()
+        self.kd_unit = kd_unit
         self.teacher_proj = _projector(t_channels, s_channels)
         self.student_proj = _projector(s_channels, s_channels)
         self.num_classes, self.tau, self.ignore_index = num_classes, tau, ignore_index
@@ -189,6 +192,8 @@ class CriterionAPD(nn.Module):
         l_rec = 1 - F.cosine_similarity(a_s[present], a_t.detach()[present], dim=1, eps=1e-6).mean()
         l_ob = self.criterion_ob(self.observe(f_s, a_s, present), self.observe(f_t.detach(), a_t.detach(), present))
         l_kd = self.criterion_kd(s_out.logits, t_out.logits)
+        if self.kd_unit == "element":
+            l_kd, l_ob = l_kd / s_out.logits.shape[1], l_ob * present.shape[0] / present.sum()
         return l_kd, l_ob, l_rec, l_t
 
 
@@ -210,7 +215,7 @@ def build_criteria(method, mcfg, s_channels, t_channels, num_classes, ignore_ind
         crit["kd"] = CriterionKD(mcfg.temperature)
     elif method == "apd":
         crit["apd"] = CriterionAPD(s_channels["decoder"], t_channels["decoder"], num_classes, mcfg.apd_tau,
-                                   mcfg.temperature, ignore_index)
+                                   mcfg.temperature, ignore_index, mcfg.apd_kd_unit)
     elif method == "cwd":
         crit["cwd"] = CriterionCWD(s_channels["logits"], t_channels["logits"], mcfg.cwd_temperature)
     return crit
@@ -225,7 +230,8 @@ def distill_losses(method, crit, mcfg, s_outputs, t_outputs, targets):
     elif method == "cad":
         losses["ad"] = mcfg.ad_weight * crit["cad"](s_outputs.backbone, t_outputs.backbone)
         if mcfg.ad_kd_weight:
-            losses["kd"] = mcfg.ad_kd_weight * crit["kd"](s_outputs.logits, t_outputs.logits)
+            kd = crit["kd"](s_outputs.logits, t_outputs.logits)
+            losses["kd"] = mcfg.ad_kd_weight * (kd / s_outputs.logits.shape[1] if mcfg.ad_kd_unit == "element" else kd)
     elif method == "apd":
         l_kd, l_ob, l_rec, l_t = crit["apd"](s_outputs, t_outputs, targets)
         losses["kd"] = mcfg.apd_kd_weight * l_kd

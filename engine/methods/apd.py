@@ -10,9 +10,17 @@ downsampled to feature resolution by nearest neighbour; kernels.masked_avg_pool)
 
     L_t   = CE(observation logits of the teacher, labels)        -> updates P_t alone (Adam, lr 1e-5, betas 0.9/0.99)
     L_rec = 1 - mean over present (b, i) of cos(A_s^i, A_t^i)
-    L_ob  = pixel-mean KL(p_a,t || p_a,s)                        (kernels.prototype_kl)
-    L_kd  = per-pixel KD on logits at temperature T              (kernels.pixel_kl)
+    L_ob  = KL(p_a,t || p_a,s) summed over pixels and classes    (kernels.prototype_kl), divided by
+              element: the number of (b, present class, pixel) entries, sum_b K_b * h*w   (default)
+              pixel:   the number of pixels B*h*w (K_b / mean K_b times stronger)
+    L_kd  = per-pixel KD on logits at temperature T, unit --apd-kd-unit (engine.methods.base.logit_kd):
+              element: divided by B*C*H*W (default); pixel: by B*H*W (C times stronger)
     student loss = CE + lambda_kd * (L_kd + L_ob) + lambda_rec * L_rec,  lambda_kd = lambda_rec = 10, tau = 0.1
+
+The unit of L_kd and L_ob follows the released code behind the paper's tables (dvlab-research/APD
+tool/train.py: kl_weight = pred_kmeans_weight = 10, both terms torch.nn.KLDivLoss() with its default element
+mean, L_ob's over the N prototypes of the batch). In the pixel unit the same weight of 10 makes L_kd C times
+stronger, which put apd below the student alone on CamVid (issue 19, bench/results/angular_camvid_cpu.md).
 
 No gradient of L_kd, L_rec or L_ob reaches P_t, A_t or p_a,t: the teacher side enters them detached.
 The term `apd/teacher_proj` (L_t) is added to the trainer's total only so one backward serves both: its
@@ -25,13 +33,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from engine.methods.base import Method, labels_at, segmentation_ce
-from engine.settings import at_least, positive, setting
+from engine.methods.base import KD_UNITS, Method, labels_at, logit_kd, segmentation_ce
+from engine.settings import at_least, one_of, positive, setting
 
 
 @dataclass
 class APDSettings:
     apd_kd_weight: float = setting(10.0, "apd: lambda_kd, weight of (L_kd + L_ob)", check=at_least(0))
+    apd_kd_unit: str = setting("element", "apd: unit of L_kd and L_ob: element (means over every class entry, "
+                                          "KLDivLoss()'s default, as the authors' code) or pixel (means over "
+                                          "pixels: C times stronger L_kd)", check=one_of(*KD_UNITS))
     apd_rec_weight: float = setting(10.0, "apd: lambda_rec, weight of the prototype reconstruction term",
                                     check=at_least(0))
     apd_tau: float = setting(0.1, "apd: temperature of the prototype cosine similarities", check=positive)
@@ -72,7 +83,9 @@ class APD(Method):
         cos = F.cosine_similarity(a_s, a_t.detach(), dim=2, eps=1e-6)  # [B, K]
         l_rec = 1 - (cos * present).sum() / present.sum().clamp_min(1)
         l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s, a_t.detach(), present, tau)
-        l_kd = kernels.pixel_kl(s.logits, t.logits, cfg.temperature)
+        if cfg.apd_kd_unit == "element":  # pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries
+            l_ob = l_ob / present.sum(1).float().mean().clamp_min(1)
+        l_kd = logit_kd(s.logits, t.logits, cfg.temperature, cfg.apd_kd_unit)
         return {
             "kd": cfg.apd_kd_weight * l_kd,
             "ob": cfg.apd_kd_weight * l_ob,

@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from engine.settings import positive, setting
 
 POSITIONS = ("backbone", "decoder", "logits")
+KD_UNITS = ("element", "pixel")
 
 
 @dataclass
@@ -163,6 +165,22 @@ class FeatureMethod(Method):
         if fs.shape[-2:] != ft.shape[-2:]:
             fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
         return fs, ft
+
+
+def logit_kd(s_logits, t_logits, temperature, unit):
+    """The per-pixel KD term of a method, in `unit`:
+
+        pixel:   T^2 * sum_{b,h,w} KL(softmax(z_t/T) || softmax(z_s/T)) / (B*H*W)      (kernels.pixel_kl)
+        element: the same / C, i.e. divided by B*C*H*W
+
+    `pixel` is CIRKD's CriterionKD (F.kl_div(..., 'batchmean') over the [B*H*W, C] permuted logits). `element`
+    is torch.nn.KLDivLoss()'s default reduction, an element mean over B*C*H*W, which is what the code behind
+    the CWD, APD and angular papers' tables takes (TorchDistiller SemSeg-distill utils/criterion.py
+    CriterionKD; APD tool/train.py CriterionKD), so their lambda_kd = 10 is C times weaker in `pixel` units
+    (11x on CamVid, 19x on Cityscapes, 150x on ADE20K). See bench/results/angular_camvid_cpu.md.
+    """
+    kd = kernels.pixel_kl(s_logits, t_logits, temperature)
+    return kd / s_logits.shape[1] if unit == "element" else kd
 
 
 def labels_at(labels, size):

@@ -91,6 +91,43 @@ def test_weights_scale_terms_and_match_kernels():
     assert cwd["cwd/cwd"].item() == pytest.approx(3 * kernels.channel_kl(s.logits, t.logits, 4.0).item(), rel=1e-6)
 
 
+def test_kd_unit_element_is_kldivloss_mean_and_pixel_is_c_times_it():
+    """The KD term of lad/cad/pad and apd: `element` is torch.nn.KLDivLoss()'s default mean over B*C*H*W (the
+    authors' code), `pixel` the mean over B*H*W (CIRKD's batchmean), C times larger. Float64 reference."""
+    s, t = outputs(S_CH), outputs(S_CH, seed=1)
+    t2 = 2.0
+    p_t = torch.softmax(t.logits.double() / t2, 1)
+    kl = p_t * (p_t.log() - torch.log_softmax(s.logits.double() / t2, 1))  # KLDivLoss()'s elements
+    ref = kl.sum().item() / kl.numel() * t2 ** 2
+    for unit, scale in (("element", 1), ("pixel", K)):
+        for name in ("lad", "cad", "pad"):
+            m = build_method(MethodConfig(method=name, ad_kd_unit=unit, temperature=t2), S_CH, S_CH, K)
+            assert m(s, t, batch())[f"{name}/kd"].item() == pytest.approx(10 * scale * ref, rel=1e-5), (name, unit)
+        apd = build_method(MethodConfig(method="apd", apd_kd_unit=unit, temperature=t2), S_CH, T_CH, K)
+        assert apd(s, outputs(T_CH, seed=1)._replace(logits=t.logits), batch())["apd/kd"].item() == \
+            pytest.approx(10 * scale * ref, rel=1e-5), unit
+    assert MethodConfig().ad_kd_unit == MethodConfig().apd_kd_unit == "element"
+
+
+def test_apd_observation_unit_divides_by_the_present_class_count():
+    """L_ob in `element` units is the pixel mean divided by the mean number of classes present per image (the
+    element mean over each image's [K_b, h, w] observation entries)."""
+    torch.manual_seed(0)
+    s, t, b = outputs(S_CH), outputs(T_CH, seed=1), batch()
+    b["label"][1][b["label"][1] == 3] = 255  # the images hold different numbers of classes
+    terms = {}
+    for unit in ("element", "pixel"):
+        torch.manual_seed(0)  # the same projector weights for both
+        terms[unit] = build_method(MethodConfig(method="apd", apd_kd_unit=unit), S_CH, T_CH, K)(s, t, b)
+    from engine.methods.base import labels_at
+    lab = labels_at(b["label"], s.decoder.shape[-2:])
+    k_b = torch.tensor([float(len(set(img.unique().tolist()) - {255})) for img in lab])
+    assert k_b[0] != k_b[1]
+    assert terms["pixel"]["apd/ob"].item() == pytest.approx(k_b.mean().item() * terms["element"]["apd/ob"].item(),
+                                                             rel=1e-5)
+    assert terms["pixel"]["apd/rec"].item() == pytest.approx(terms["element"]["apd/rec"].item(), rel=1e-6)
+
+
 def test_md_and_fitnet_by_hand():
     ch = {"backbone": 2, "decoder": 2, "logits": K}
     fs = torch.zeros(1, 2, 1, 2)
