@@ -51,8 +51,10 @@ def parse_args(argv=None):
     return args
 
 
-ARGS = parse_args()
-if ARGS.interpret:  # before triton is first imported (kernels/_dispatch.py explains why)
+# Parsed here, not in main, so that --interpret is in the environment before triton is first imported
+# (kernels/_dispatch.py explains why); a script importing this module (bench/gpu_suite.py) sets it itself.
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.interpret:
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, ROOT)
 
