@@ -76,11 +76,10 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def empty(shape, dtype, device):
+def empty(shape, dtype, device, memory_format=torch.contiguous_format):
     """torch.empty for a buffer a kernel fills completely; NaN-filled (-1 for integers) under POISON."""
-    if not POISON:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan") if dtype.is_floating_point else -1) if POISON else out
 
 
 # `tl.dot` input precision for fp32 operands (ignored for 16-bit ones and by the interpreter): tf32x3 keeps
@@ -122,3 +121,35 @@ def row_tiling(length):
         chunk = triton.cdiv(triton.cdiv(length, MAX_SPLITS), block) * block
         n_splits = triton.cdiv(length, chunk)
     return block, chunk, n_splits
+
+
+def bchw_strides(x):
+    """Element strides (batch, channel, pixel) of a [B, C, H, W] tensor read as [B, C, H*W], or None when its
+    H and W strides do not merge into one pixel stride (a cropped view, say).
+
+    NCHW-contiguous: (C*HW, HW, 1); channels-last: (HW*C, 1, C). Kernels index with these strides, so neither
+    layout is copied; a tensor without a pixel stride is copied once by `strided_bchw`."""
+    _, _, h, w = x.shape
+    sb, sc, sh, sw = x.stride()
+    if h == 1:
+        return sb, sc, sw
+    if w == 1 or sh == w * sw:
+        return sb, sc, (sh if w == 1 else sw)
+    return None
+
+
+def strided_bchw(x):
+    """(x, its (batch, channel, pixel) strides): x itself whenever the strides merge (every dense layout),
+    else an NCHW-contiguous copy of it."""
+    strides = bchw_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = bchw_strides(x)
+    return x, strides
+
+
+def empty_like(x):
+    """torch.empty_like(x) (a dense x keeps its strides: a channels-last input gets a channels-last gradient)
+    for a buffer a kernel fills completely; NaN-filled under POISON."""
+    out = torch.empty_like(x)
+    return out.fill_(float("nan")) if POISON else out

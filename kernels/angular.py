@@ -22,7 +22,8 @@ so forward is one reading pass (the three sums) and backward one more (read s an
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, upcast, use_triton
+from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, row_tiling, strided_bchw, triton, tl,
+                               upcast, use_triton)
 
 EPS = 1e-6
 MODES = ("layer", "channel", "point")
@@ -45,12 +46,23 @@ def angular_loss_reference(student, teacher, mode):
     return (d.pow(2).sum((1, 2)).mean() / s.shape[2]).float()
 
 
+# Addressing. Every kernel indexes its tensors through strides, so NCHW and channels-last inputs are both read
+# in place. Row kernels see a tensor as rows r = (r1, r2) = divmod(r, R2) of L elements i = (i1, i2) =
+# divmod(i, N_IN); element (r, i) lives at r1*sr1 + r2*sr2 + i1*so + i2*si. TWO_LEVEL = False skips the
+# element divmod (offset i*si) so that a unit-stride row stays visibly contiguous to the compiler. (Inlined in
+# each kernel rather than a @triton.jit helper: tests/kernels/aot_compile.py swaps every JITFunction of the
+# module for a recorder.)
 @triton.jit
 def _angular_rows_stats_kernel(
-    s_ptr,  # [R, L] student; rows are samples (layer, L = C*H*W) or channels (channel, L = H*W)
-    t_ptr,  # [R, L] teacher
+    s_ptr,  # [R, L] student, strides s_r1, s_r2, s_o, s_i; rows are samples (layer) or channels (channel)
+    t_ptr,  # [R, L] teacher, strides t_r1, t_r2, t_o, t_i
     out_ptr,  # [3, R, S] fp32 out: per split, sum of s*s, t*t, s*t
     L,
+    R2,
+    N_IN,
+    s_r1, s_r2, s_o, s_i,
+    t_r1, t_r2, t_o, t_i,
+    TWO_LEVEL: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -59,14 +71,22 @@ def _angular_rows_stats_kernel(
     n_rows = tl.num_programs(0)
     n_splits = tl.num_programs(1)
     start = split.to(tl.int64) * CHUNK
+    s_row = (row // R2) * s_r1 + (row % R2) * s_r2
+    t_row = (row // R2) * t_r1 + (row % R2) * t_r2
     ss = tl.zeros([BLOCK], tl.float32)
     tt = tl.zeros([BLOCK], tl.float32)
     st = tl.zeros([BLOCK], tl.float32)
     for i in range(0, CHUNK, BLOCK):
         idx = start + i + tl.arange(0, BLOCK)
         m = idx < L
-        s = tl.load(s_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32)
+        if TWO_LEVEL:
+            s_off = s_row + (idx // N_IN) * s_o + (idx % N_IN) * s_i
+            t_off = t_row + (idx // N_IN) * t_o + (idx % N_IN) * t_i
+        else:
+            s_off = s_row + idx * s_i
+            t_off = t_row + idx * t_i
+        s = tl.load(s_ptr + s_off, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
         ss += s * s
         tt += t * t
         st += s * t
@@ -79,11 +99,13 @@ def _angular_rows_stats_kernel(
 
 @triton.jit
 def _angular_point_stats_kernel(
-    s_ptr,  # [B, C, HW] student
-    t_ptr,  # [B, C, HW] teacher
+    s_ptr,  # [B, C, HW] student, element strides (s_sb, s_sc, s_sp)
+    t_ptr,  # [B, C, HW] teacher, element strides (t_sb, t_sc, t_sp)
     out_ptr,  # [3, B, HW] fp32 out: per pixel, sum over C of s*s, t*t, s*t
     C,
     HW,
+    s_sb, s_sc, s_sp,
+    t_sb, t_sc, t_sp,
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
 ):
@@ -92,15 +114,17 @@ def _angular_point_stats_kernel(
     n_b = tl.num_programs(1)
     hw = blk.to(tl.int64) * HW_BLOCK + tl.arange(0, HW_BLOCK)  # [HW_BLOCK]
     in_hw = hw < HW
+    s_pix = (b * s_sb + hw * s_sp)[None, :]  # [1, HW_BLOCK]
+    t_pix = (b * t_sb + hw * t_sp)[None, :]
     c_idx = tl.arange(0, C_BLOCK)
     ss = tl.zeros([HW_BLOCK], tl.float32)
     tt = tl.zeros([HW_BLOCK], tl.float32)
     st = tl.zeros([HW_BLOCK], tl.float32)
     for c0 in range(0, C, C_BLOCK):
-        offs = b * C * HW + (c0 + c_idx)[:, None].to(tl.int64) * HW + hw[None, :]  # [C_BLOCK, HW_BLOCK]
-        m2 = ((c0 + c_idx) < C)[:, None] & in_hw[None, :]
-        s = tl.load(s_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        ch = (c0 + c_idx)[:, None].to(tl.int64)  # [C_BLOCK, 1]
+        m2 = ((c0 + c_idx) < C)[:, None] & in_hw[None, :]  # [C_BLOCK, HW_BLOCK]
+        s = tl.load(s_ptr + s_pix + ch * s_sc, mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_pix + ch * t_sc, mask=m2, other=0.0).to(tl.float32)
         ss += tl.sum(s * s, axis=0)
         tt += tl.sum(t * t, axis=0)
         st += tl.sum(s * t, axis=0)
@@ -112,11 +136,17 @@ def _angular_point_stats_kernel(
 
 @triton.jit
 def _angular_rows_bwd_kernel(
-    s_ptr,  # [R, L] student
-    t_ptr,  # [R, L] teacher
+    s_ptr,  # [R, L] student, strides s_r1, s_r2, s_o, s_i
+    t_ptr,  # [R, L] teacher, strides t_r1, t_r2, t_o, t_i
     k_ptr,  # [2, R] fp32: dL/ds = k1 * s - k2 * t within a row
-    g_ptr,  # [R, L] out (student dtype): dL/ds
+    g_ptr,  # [R, L] out (student dtype, strides g_r1, g_r2, g_o, g_i): dL/ds
     L,
+    R2,
+    N_IN,
+    s_r1, s_r2, s_o, s_i,
+    t_r1, t_r2, t_o, t_i,
+    g_r1, g_r2, g_o, g_i,
+    TWO_LEVEL: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -125,22 +155,36 @@ def _angular_rows_bwd_kernel(
     k1 = tl.load(k_ptr + row)
     k2 = tl.load(k_ptr + tl.num_programs(0) + row)
     start = split.to(tl.int64) * CHUNK
+    s_row = (row // R2) * s_r1 + (row % R2) * s_r2
+    t_row = (row // R2) * t_r1 + (row % R2) * t_r2
+    g_row = (row // R2) * g_r1 + (row % R2) * g_r2
     for i in range(0, CHUNK, BLOCK):
         idx = start + i + tl.arange(0, BLOCK)
         m = idx < L
-        s = tl.load(s_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32)
-        tl.store(g_ptr + row * L + idx, (k1 * s - k2 * t).to(g_ptr.dtype.element_ty), mask=m)
+        if TWO_LEVEL:
+            s_off = s_row + (idx // N_IN) * s_o + (idx % N_IN) * s_i
+            t_off = t_row + (idx // N_IN) * t_o + (idx % N_IN) * t_i
+            g_off = g_row + (idx // N_IN) * g_o + (idx % N_IN) * g_i
+        else:
+            s_off = s_row + idx * s_i
+            t_off = t_row + idx * t_i
+            g_off = g_row + idx * g_i
+        s = tl.load(s_ptr + s_off, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_off, mask=m, other=0.0).to(tl.float32)
+        tl.store(g_ptr + g_off, (k1 * s - k2 * t).to(g_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _angular_point_bwd_kernel(
-    s_ptr,  # [B, C, HW] student
-    t_ptr,  # [B, C, HW] teacher
+    s_ptr,  # [B, C, HW] student, element strides (s_sb, s_sc, s_sp)
+    t_ptr,  # [B, C, HW] teacher, element strides (t_sb, t_sc, t_sp)
     k_ptr,  # [2, B, HW] fp32: dL/ds = k1 * s - k2 * t at each pixel
-    g_ptr,  # [B, C, HW] out (student dtype): dL/ds
+    g_ptr,  # [B, C, HW] out (student dtype, strides g_sb, g_sc, g_sp): dL/ds
     C,
     HW,
+    s_sb, s_sc, s_sp,
+    t_sb, t_sc, t_sp,
+    g_sb, g_sc, g_sp,
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
 ):
@@ -150,13 +194,16 @@ def _angular_point_bwd_kernel(
     in_hw = hw < HW
     k1 = tl.load(k_ptr + b * HW + hw, mask=in_hw, other=0.0)[None, :]  # [1, HW_BLOCK]
     k2 = tl.load(k_ptr + tl.num_programs(1) * HW + b * HW + hw, mask=in_hw, other=0.0)[None, :]
+    s_pix = (b * s_sb + hw * s_sp)[None, :]  # [1, HW_BLOCK]
+    t_pix = (b * t_sb + hw * t_sp)[None, :]
+    g_pix = (b * g_sb + hw * g_sp)[None, :]
     c_idx = tl.arange(0, C_BLOCK)
     for c0 in range(0, C, C_BLOCK):
-        offs = b * C * HW + (c0 + c_idx)[:, None].to(tl.int64) * HW + hw[None, :]
+        ch = (c0 + c_idx)[:, None].to(tl.int64)  # [C_BLOCK, 1]
         m2 = ((c0 + c_idx) < C)[:, None] & in_hw[None, :]
-        s = tl.load(s_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        tl.store(g_ptr + offs, (k1 * s - k2 * t).to(g_ptr.dtype.element_ty), mask=m2)
+        s = tl.load(s_ptr + s_pix + ch * s_sc, mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_pix + ch * t_sc, mask=m2, other=0.0).to(tl.float32)
+        tl.store(g_ptr + g_pix + ch * g_sc, (k1 * s - k2 * t).to(g_ptr.dtype.element_ty), mask=m2)
 
 
 def _point_tiling(c, hw):
@@ -166,30 +213,52 @@ def _point_tiling(c, hw):
     return c_block, hw_block, 8 if c_block * hw_block >= 4096 else 4
 
 
-def _rows(s, mode):
-    """The [R, L] row view of a contiguous [B, C, H, W] tensor for the layer and channel modes."""
+def _row_layout(s, t, mode):
+    """(rows, L, R2, N_IN, TWO_LEVEL) of the layer and channel modes' [R, L] rows (see the addressing comment
+    above the kernels)."""
     b, c = s.shape[:2]
-    return (b, s[0].numel()) if mode == "layer" else (b * c, s[0, 0].numel())
+    hw = s[0, 0].numel()
+    if mode == "channel":  # row (b, c), elements along the pixels
+        return b * c, hw, c, hw, False
+    # layer: row b of C*HW elements, whose order does not matter to the sums. Student and teacher dense with the
+    # same strides (both NCHW or both channels-last, the gradient too): each sample is one run of C*HW elements
+    # in memory, read as such. Otherwise element i = (c, hw) = divmod(i, HW) through each tensor's own strides.
+    same = s.stride() == t.stride() and _dense(s)
+    return b, c * hw, 1, hw, not same
+
+
+def _dense(x):
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _row_strides(strides, mode, two_level):
+    """(sr1, sr2, so, si) of the row kernels from (batch, channel, pixel) strides."""
+    sb, sc, sp = strides
+    if mode == "channel":
+        return sb, sc, 0, sp
+    return (sb, 0, sc, sp) if two_level else (sb, 0, 0, 1)
 
 
 def angular_forward(student, teacher, mode):
     """Returns (loss [] fp32, stats [3, G] fp32: ss, tt, st per group) with G groups as in the docstring."""
-    s = student.contiguous()
-    t = teacher.contiguous()
+    s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
+    t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     hw = s[0, 0].numel()
     if mode == "point":
         c_block, hw_block, warps = _point_tiling(c, hw)
         stats = empty((3, b, hw), torch.float32, s.device)
-        _angular_point_stats_kernel[(triton.cdiv(hw, hw_block), b)](s, t, stats, c, hw, C_BLOCK=c_block,
-                                                                     HW_BLOCK=hw_block, num_warps=warps)
+        _angular_point_stats_kernel[(triton.cdiv(hw, hw_block), b)](
+            s, t, stats, c, hw, *s_strides, *t_strides, C_BLOCK=c_block, HW_BLOCK=hw_block, num_warps=warps)
         stats = stats.reshape(3, -1)
     else:
-        rows, length = _rows(s, mode)
+        rows, length, r2, n_in, two_level = _row_layout(s, t, mode)
         block, chunk, n_splits = row_tiling(length)
         partial = empty((3, rows, n_splits), torch.float32, s.device)
-        _angular_rows_stats_kernel[(rows, n_splits)](s, t, partial, length, CHUNK=chunk, BLOCK=block,
-                                                     num_warps=4 if block <= 1024 else 8)
+        _angular_rows_stats_kernel[(rows, n_splits)](
+            s, t, partial, length, r2, n_in, *_row_strides(s_strides, mode, two_level),
+            *_row_strides(t_strides, mode, two_level), TWO_LEVEL=two_level, CHUNK=chunk, BLOCK=block,
+            num_warps=4 if block <= 1024 else 8)
         stats = partial.sum(2)
     ss, tt, st = stats
     ns = ss.sqrt().clamp_min(EPS)
@@ -199,9 +268,10 @@ def angular_forward(student, teacher, mode):
 
 
 def angular_backward(student, teacher, mode, stats, grad_loss):
-    """dL/ds (student dtype) from the forward's group sums, for a loss gradient grad_loss (0-dim)."""
-    s = student.contiguous()
-    t = teacher.contiguous()
+    """dL/ds (student dtype, the student's memory format) from the forward's group sums, for a loss gradient
+    grad_loss (0-dim)."""
+    s, s_strides = strided_bchw(student)
+    t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     hw = s[0, 0].numel()
     ss, tt, st = stats
@@ -211,16 +281,21 @@ def angular_backward(student, teacher, mode, stats, grad_loss):
     cos_term = torch.where(ss.sqrt() > EPS, ss / (ns * ns) - st / (ns * nt), torch.zeros_like(ss))
     scale = 2.0 * grad_loss.float() / groups
     k = torch.stack([scale * (1 - cos_term) / (ns * ns), scale / (ns * nt)])  # [2, G]
-    g = empty(s.shape, s.dtype, s.device)
+    g = empty_like(student)  # dense, in the student's memory format
+    g_strides = strided_bchw(g)[1]
     if mode == "point":
         c_block, hw_block, warps = _point_tiling(c, hw)
-        _angular_point_bwd_kernel[(triton.cdiv(hw, hw_block), b)](s, t, k, g, c, hw, C_BLOCK=c_block,
-                                                                   HW_BLOCK=hw_block, num_warps=warps)
+        _angular_point_bwd_kernel[(triton.cdiv(hw, hw_block), b)](
+            s, t, k, g, c, hw, *s_strides, *t_strides, *g_strides, C_BLOCK=c_block, HW_BLOCK=hw_block,
+            num_warps=warps)
     else:
-        rows, length = _rows(s, mode)
+        rows, length, r2, n_in, two_level = _row_layout(s, t, mode)
+        two_level = two_level or g.stride() != s.stride()  # flat runs need the gradient's strides to match too
         block, chunk, n_splits = row_tiling(length)
-        _angular_rows_bwd_kernel[(rows, n_splits)](s, t, k, g, length, CHUNK=chunk, BLOCK=block,
-                                                   num_warps=4 if block <= 1024 else 8)
+        _angular_rows_bwd_kernel[(rows, n_splits)](
+            s, t, k, g, length, r2, n_in, *_row_strides(s_strides, mode, two_level),
+            *_row_strides(t_strides, mode, two_level), *_row_strides(g_strides, mode, two_level),
+            TWO_LEVEL=two_level, CHUNK=chunk, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return g
 
 
@@ -245,7 +320,7 @@ def _angular_backward_op(student: torch.Tensor, teacher: torch.Tensor, mode: str
 
 @_angular_backward_op.register_fake
 def _(student, teacher, mode, stats, grad_loss):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
+    return torch.empty_like(student)  # as angular_backward allocates it
 
 
 def _setup_context(ctx, inputs, output):

@@ -6,15 +6,18 @@
 Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction" (ICCV 2021). Their code divides
 the summed KL by N*C exactly as here, so CWD's published weight (3 on logits, T = 4) carries over unchanged.
 
-Each (b, c) row of H*W logits is contiguous but can be far longer than a block, and a row per program
-would leave most of a GPU idle at B*C = 152, so rows are cut into splits: pass 1 gives each split's
+Each (b, c) row of H*W logits (contiguous for NCHW; a stride-C row of a channels-last tensor, read in place
+through the strides, never copied; the gradient takes the student's layout) can be far longer than a block,
+and a row per program would leave most of a GPU idle at B*C = 152, so rows are cut into splits: pass 1 gives
+each split's
 online max and sum of exp, pass 2 combines a row's splits into its log-normaliser, then computes the
 KL and (when the student needs it) writes the gradient. Backward only scales that gradient.
 """
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, row_tiling, triton, tl, upcast, use_triton
+from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, row_tiling, strided_bchw, triton, tl,
+                               upcast, use_triton)
 from kernels._grad_scale import scale_grad_
 
 
@@ -29,10 +32,13 @@ def channel_kl_reference(student, teacher, temperature=4.0):
 
 @triton.jit
 def _channel_kl_stats_kernel(
-    s_ptr,  # [R, L] student logits, R = B*C rows of L = H*W
-    t_ptr,  # [R, L] teacher logits
+    s_ptr,  # [R, L] student logits, R = B*C rows (b, c) of L = H*W; element strides (s_sb, s_sc, s_sp)
+    t_ptr,  # [R, L] teacher logits, element strides (t_sb, t_sc, t_sp)
     stats_ptr,  # [4, R, S] fp32 out: per split, max and sum of exp(x - max) of z_s/T, then of z_t/T
     L,
+    C,
+    s_sb, s_sc, s_sp,
+    t_sb, t_sc, t_sp,
     inv_temp,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -46,13 +52,15 @@ def _channel_kl_stats_kernel(
     mt = float("-inf")
     zs_sum = 0.0
     zt_sum = 0.0
+    s_row = (row // C) * s_sb + (row % C) * s_sc
+    t_row = (row // C) * t_sb + (row % C) * t_sc
     for i in range(0, CHUNK, BLOCK):
         idx = start + i + tl.arange(0, BLOCK)  # [BLOCK]
         m = idx < L
         # Out-of-row lanes get -1e30: exp(-1e30 - max) = 0, and every split starts inside the row so
         # its running max is a real logit from the first step on.
-        zs = tl.where(m, tl.load(s_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32) * inv_temp, -1e30)
-        zt = tl.where(m, tl.load(t_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32) * inv_temp, -1e30)
+        zs = tl.where(m, tl.load(s_ptr + s_row + idx * s_sp, mask=m, other=0.0).to(tl.float32) * inv_temp, -1e30)
+        zt = tl.where(m, tl.load(t_ptr + t_row + idx * t_sp, mask=m, other=0.0).to(tl.float32) * inv_temp, -1e30)
         ms_new = tl.maximum(ms, tl.max(zs, axis=0))
         mt_new = tl.maximum(mt, tl.max(zt, axis=0))
         zs_sum = zs_sum * tl.exp(ms - ms_new) + tl.sum(tl.exp(zs - ms_new), axis=0)
@@ -69,12 +77,16 @@ def _channel_kl_stats_kernel(
 
 @triton.jit
 def _channel_kl_fwd_kernel(
-    s_ptr,  # [R, L] student logits
-    t_ptr,  # [R, L] teacher logits
+    s_ptr,  # [R, L] student logits, element strides (s_sb, s_sc, s_sp)
+    t_ptr,  # [R, L] teacher logits, element strides (t_sb, t_sc, t_sp)
     stats_ptr,  # [4, R, S] fp32 split statistics from _channel_kl_stats_kernel
     kl_ptr,  # [R, S] fp32 out: sum of q_t * (log q_t - log q_s) over each split
-    g_ptr,  # [R, L] out (student dtype): dL/dz_s for grad_output = 1 (written when WRITE_GRAD)
+    g_ptr,  # [R, L] out (student dtype, strides g_s*): dL/dz_s for grad_output = 1 (written when WRITE_GRAD)
     L,
+    C,
+    s_sb, s_sc, s_sp,
+    t_sb, t_sc, t_sp,
+    g_sb, g_sc, g_sp,
     inv_temp,
     g_scale,  # T / (B*C)
     WRITE_GRAD: tl.constexpr,
@@ -101,36 +113,42 @@ def _channel_kl_fwd_kernel(
     log_zt = tl.log(tl.sum(z_t * tl.exp(m_t - max_t), axis=0))
 
     start = split.to(tl.int64) * CHUNK
+    s_row = (row // C) * s_sb + (row % C) * s_sc
+    t_row = (row // C) * t_sb + (row % C) * t_sc
+    g_row = (row // C) * g_sb + (row % C) * g_sc
     kl = tl.zeros([BLOCK], tl.float32)
     for i in range(0, CHUNK, BLOCK):
         idx = start + i + tl.arange(0, BLOCK)
         m = idx < L
-        zs = tl.load(s_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32) * inv_temp
-        zt = tl.load(t_ptr + row * L + idx, mask=m, other=0.0).to(tl.float32) * inv_temp
+        zs = tl.load(s_ptr + s_row + idx * s_sp, mask=m, other=0.0).to(tl.float32) * inv_temp
+        zt = tl.load(t_ptr + t_row + idx * t_sp, mask=m, other=0.0).to(tl.float32) * inv_temp
         lqs = (zs - max_s) - log_zs
         lqt = (zt - max_t) - log_zt
         qt = tl.exp(lqt)
         kl += tl.where(m, qt * (lqt - lqs), 0.0)
         if WRITE_GRAD:
-            tl.store(g_ptr + row * L + idx, (g_scale * (tl.exp(lqs) - qt)).to(g_ptr.dtype.element_ty), mask=m)
+            tl.store(g_ptr + g_row + idx * g_sp, (g_scale * (tl.exp(lqs) - qt)).to(g_ptr.dtype.element_ty), mask=m)
     tl.store(kl_ptr + row * n_splits + split, tl.sum(kl, axis=0))
 
 
 def channel_kl_forward(student, teacher, temperature, write_grad):
     """Launch both passes. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked)."""
-    s = student.contiguous()
-    t = teacher.contiguous()
+    s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
+    t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     rows, length = b * c, s[0, 0].numel()
     block, chunk, n_splits = row_tiling(length)
     temp = float(temperature)
     stats = empty((4, rows, n_splits), torch.float32, s.device)
     kl = empty((rows, n_splits), torch.float32, s.device)
-    g = empty(s.shape, s.dtype, s.device) if write_grad else s.new_empty(0)
+    g = empty_like(student) if write_grad else s.new_empty(0)  # the student's memory format
+    g_strides = strided_bchw(g)[1] if write_grad else s_strides
     grid = (rows, n_splits)
     warps = 4 if block <= 1024 else 8
-    _channel_kl_stats_kernel[grid](s, t, stats, length, 1.0 / temp, CHUNK=chunk, BLOCK=block, num_warps=warps)
-    _channel_kl_fwd_kernel[grid](s, t, stats, kl, g if write_grad else s, length, 1.0 / temp, temp / rows,
+    _channel_kl_stats_kernel[grid](s, t, stats, length, c, *s_strides, *t_strides, 1.0 / temp, CHUNK=chunk,
+                                   BLOCK=block, num_warps=warps)
+    _channel_kl_fwd_kernel[grid](s, t, stats, kl, g if write_grad else s, length, c, *s_strides, *t_strides,
+                                 *g_strides, 1.0 / temp, temp / rows,
                                  WRITE_GRAD=write_grad, CHUNK=chunk, BLOCK=block, S_PAD=next_pow2(n_splits),
                                  num_warps=warps)
     return kl.sum() * (temp * temp / rows), g
@@ -144,7 +162,7 @@ def _channel_kl_op(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
 
 @_channel_kl_op.register_fake
 def _(student, teacher, temperature, write_grad):
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
+    grad = torch.empty_like(student) if write_grad else student.new_empty(0)  # as channel_kl_forward allocates it
     return student.new_empty((), dtype=torch.float32), grad
 
 

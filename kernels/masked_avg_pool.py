@@ -6,7 +6,8 @@
 Pixels labelled `ignore_index` (or any value outside [0, K)) are excluded; an absent class has count 0 and a
 zero prototype. Used by Adaptive Perspective Distillation (Tian et al., TPAMI 2022) to build prototypes.
 
-Fused form: one pass over the features. A program owns a [C_block] slice of channels and a range of pixels;
+Fused form: one pass over the features, read in place through their strides (NCHW or channels-last; the
+gradient takes the features' layout). A program owns a [C_block] slice of channels and a range of pixels;
 per [C_block, HW_block] feature tile it builds the [HW_block, K] one-hot of the labels in registers and
 accumulates tile @ one_hot into a [C_block, K] tensor-core accumulator, with the class counts as a column sum
 of the same one-hot. Backward is a gather of the (tiny) prototype gradient at each pixel's label.
@@ -14,7 +15,8 @@ of the same one-hot. Backward is a gather of the (tiny) prototype gradient at ea
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import DOT_PRECISION, dot_dtype, empty, next_pow2, triton, tl, upcast, use_triton
+from kernels._dispatch import (DOT_PRECISION, dot_dtype, empty, next_pow2, strided_bchw, triton, tl, upcast,
+                               use_triton)
 
 
 def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
@@ -35,7 +37,7 @@ def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
 
 @triton.jit
 def _masked_avg_pool_fwd_kernel(
-    f_ptr,  # [B, C, HW] features
+    f_ptr,  # [B, C, HW] features, element strides (f_sb, f_sc, f_sp)
     y_ptr,  # [B, HW] integer labels
     sums_ptr,  # [B, S, C, K_PAD] fp32 out: per pixel split, sum of the features of each class
     counts_ptr,  # [B, S, K_PAD] fp32 out: per pixel split, pixels of each class (written by C-block 0)
@@ -43,6 +45,7 @@ def _masked_avg_pool_fwd_kernel(
     HW,
     K,
     ignore_index,
+    f_sb, f_sc, f_sp,
     CHUNK: tl.constexpr,  # pixels per split, a multiple of HW_BLOCK
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
@@ -66,7 +69,8 @@ def _masked_avg_pool_fwd_kernel(
         y = tl.load(y_ptr + b * HW + hw, mask=in_hw, other=-1).to(tl.int32)
         keep = in_hw & (y >= 0) & (y < K) & (y != ignore_index)
         onehot = (y[:, None] == k[None, :]) & keep[:, None]  # [HW_BLOCK, K_PAD]
-        offs = b * C * HW + c[:, None].to(tl.int64) * HW + hw[None, :]  # [C_BLOCK, HW_BLOCK]
+        # through the strides: contiguous along pixels for NCHW, channels-last read in place
+        offs = b * f_sb + c[:, None].to(tl.int64) * f_sc + hw[None, :] * f_sp  # [C_BLOCK, HW_BLOCK]
         f = tl.load(f_ptr + offs, mask=in_c[:, None] & in_hw[None, :], other=0.0)
         # 0/1 is exact in every dtype, so feeding the dot in the feature's own dtype loses nothing.
         acc = tl.dot(f.to(DOT_DTYPE), onehot.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -81,11 +85,12 @@ def _masked_avg_pool_fwd_kernel(
 def _masked_avg_pool_bwd_kernel(
     y_ptr,  # [B, HW] integer labels
     gp_ptr,  # [B, K, C] fp32: dL/dproto / max(count, 1)
-    g_ptr,  # [B, C, HW] out (feature dtype): dL/df
+    g_ptr,  # [B, C, HW] out (feature dtype, strides g_sb, g_sc, g_sp): dL/df
     C,
     HW,
     K,
     ignore_index,
+    g_sb, g_sc, g_sp,
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
 ):
@@ -101,7 +106,7 @@ def _masked_avg_pool_bwd_kernel(
     y = tl.where(keep, y, 0)
     # [C_BLOCK, HW_BLOCK] gather from the small [K, C] table of this image (it stays in cache).
     gp = tl.load(gp_ptr + (b * K + y[None, :]) * C + c[:, None], mask=in_c[:, None] & keep[None, :], other=0.0)
-    tl.store(g_ptr + b * C * HW + c[:, None].to(tl.int64) * HW + hw[None, :], gp.to(g_ptr.dtype.element_ty),
+    tl.store(g_ptr + b * g_sb + c[:, None].to(tl.int64) * g_sc + hw[None, :] * g_sp, gp.to(g_ptr.dtype.element_ty),
              mask=in_c[:, None] & in_hw[None, :])
 
 
@@ -116,7 +121,7 @@ def _tiling(c, k_pad):
 
 def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
     """Returns (prototypes [B, K, C] fp32, counts [B, K] fp32)."""
-    f = feat.contiguous()
+    f, f_strides = strided_bchw(feat)  # no copy for NCHW or channels-last
     y = labels.contiguous()
     b, c = f.shape[:2]
     hw = f[0, 0].numel()
@@ -132,25 +137,35 @@ def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
     sums = empty((b, n_splits, c, k_pad), torch.float32, f.device)
     counts = empty((b, n_splits, k_pad), torch.float32, f.device)
     _masked_avg_pool_fwd_kernel[(n_cb, n_splits, b)](
-        f, y, sums, counts, c, hw, k, int(ignore_index), CHUNK=chunk, C_BLOCK=c_block, HW_BLOCK=hw_block,
+        f, y, sums, counts, c, hw, k, int(ignore_index), *f_strides, CHUNK=chunk, C_BLOCK=c_block, HW_BLOCK=hw_block,
         K_PAD=k_pad, DOT_DTYPE=dot_dtype(f.dtype), PRECISION=DOT_PRECISION, num_warps=8)
     counts = counts.sum(1)[:, :k].contiguous()  # [B, K]
     protos = sums.sum(1)[:, :, :k].transpose(1, 2) / counts.clamp_min(1)[..., None]  # [B, K, C]
     return protos.contiguous(), counts
 
 
-def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype, ignore_index):
-    """dL/df [B, C, H, W] in the feature dtype from dL/dproto [B, K, C]."""
+def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype, ignore_index, channels_last=False):
+    """dL/df [B, C, H, W] in the feature dtype (channels-last when asked: the features' layout) from
+    dL/dproto [B, K, C]."""
     y = labels.contiguous()
     b, c = feat_shape[:2]
     hw = y[0].numel()
     k = counts.shape[1]
     gp = (grad_protos.float() / counts.clamp_min(1)[..., None]).contiguous()  # [B, K, C]
     c_block, hw_block = min(32, next_pow2(c)), 128
-    g = empty(feat_shape, feat_dtype, y.device)
+    g = empty(feat_shape, feat_dtype, y.device, _memory_format(channels_last))
     _masked_avg_pool_bwd_kernel[(triton.cdiv(hw, hw_block), triton.cdiv(c, c_block), b)](
-        y, gp, g, c, hw, k, int(ignore_index), C_BLOCK=c_block, HW_BLOCK=hw_block, num_warps=4)
+        y, gp, g, c, hw, k, int(ignore_index), *strided_bchw(g)[1], C_BLOCK=c_block, HW_BLOCK=hw_block, num_warps=4)
     return g
+
+
+def _memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _is_channels_last(x):
+    """x is channels-last and not also NCHW-contiguous (the two coincide when C == 1 or H*W == 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 @torch.library.custom_op("segkd::masked_avg_pool", mutates_args=())
@@ -168,13 +183,14 @@ def _(feat, labels, num_classes, ignore_index):
 
 @torch.library.custom_op("segkd::masked_avg_pool_backward", mutates_args=())
 def _masked_avg_pool_backward_op(grad_protos: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
-                                 feat_like: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ignore_index)
+                                 feat_like: torch.Tensor, ignore_index: int, channels_last: bool) -> torch.Tensor:
+    return masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ignore_index,
+                                    channels_last)
 
 
 @_masked_avg_pool_backward_op.register_fake
-def _(grad_protos, labels, counts, feat_like, ignore_index):
-    return torch.empty_like(feat_like, memory_format=torch.contiguous_format)
+def _(grad_protos, labels, counts, feat_like, ignore_index, channels_last):
+    return torch.empty_like(feat_like, memory_format=_memory_format(channels_last))
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,13 +200,15 @@ def _setup_context(ctx, inputs, output):
     # Only the shape and dtype of feat are needed: keep an empty stand-in, not the features.
     ctx.save_for_backward(labels, output[1], feat.new_empty(()).expand(feat.shape))
     ctx.ignore_index = ignore_index
+    ctx.channels_last = _is_channels_last(feat)  # the gradient takes the features' layout
 
 
 def _backward(ctx, grad_protos, _grad_counts):
     labels, counts, feat_like = ctx.saved_tensors
     if grad_protos is None:
         return None, None, None, None
-    return _masked_avg_pool_backward_op(grad_protos, labels, counts, feat_like, ctx.ignore_index), None, None, None
+    g = _masked_avg_pool_backward_op(grad_protos, labels, counts, feat_like, ctx.ignore_index, ctx.channels_last)
+    return g, None, None, None
 
 
 _masked_avg_pool_op.register_autograd(_backward, setup_context=_setup_context)

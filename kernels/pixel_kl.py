@@ -6,7 +6,8 @@
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015); per-pixel form as in
 Liu et al., "Structured Knowledge Distillation for Semantic Segmentation" (CVPR 2019).
 
-The fused kernel reads NCHW logits as [C_block, HW_block] tiles (contiguous along pixels, no permute),
+The fused kernel reads logits as [C_block, HW_block] tiles through their strides (contiguous along pixels
+for NCHW; channels-last logits are read in place, never copied; the gradient takes the student's layout),
 computes both softmaxes in fp32 registers and, when the student needs a gradient, writes dL/dz_s in the
 same pass: backward only scales it by grad_output (see `_grad_scale.py`). Bytes moved for forward +
 backward: read student and teacher once, write the gradient once.
@@ -16,7 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, needs_grad, next_pow2, triton, tl, upcast, use_triton
+from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, strided_bchw, triton, tl, upcast,
+                               use_triton)
 from kernels._grad_scale import scale_grad_
 
 
@@ -37,14 +39,17 @@ def pixel_kl_reference(student, teacher, temperature=1.0, valid=None):
 
 @triton.jit
 def _pixel_kl_fwd_kernel(
-    s_ptr,  # [B, C, HW] student logits
-    t_ptr,  # [B, C, HW] teacher logits
+    s_ptr,  # [B, C, HW] student logits, element strides (s_sb, s_sc, s_sp)
+    t_ptr,  # [B, C, HW] teacher logits, element strides (t_sb, t_sc, t_sp)
     valid_ptr,  # [B, HW] uint8 valid mask (read only when HAS_VALID)
     nvalid_ptr,  # [] fp32 number of valid pixels |V|
     kl_ptr,  # [B, n_hw_blocks] fp32 out: sum of the per-pixel KL over each tile's valid pixels
-    g_ptr,  # [B, C, HW] out (student dtype): dL/dz_s for grad_output = 1 (written when WRITE_GRAD)
+    g_ptr,  # [B, C, HW] out (student dtype, strides g_s*): dL/dz_s for grad_output = 1 (written when WRITE_GRAD)
     C,
     HW,
+    s_sb, s_sc, s_sp,
+    t_sb, t_sc, t_sp,
+    g_sb, g_sc, g_sp,
     inv_temp,
     temp,
     HAS_VALID: tl.constexpr,
@@ -61,17 +66,21 @@ def _pixel_kl_fwd_kernel(
     if HAS_VALID:
         pix = in_hw & (tl.load(valid_ptr + b * HW + hw, mask=in_hw, other=0) != 0)
     g_scale = temp / tl.maximum(tl.load(nvalid_ptr), 1.0)
-    base = b * C * HW
+    # Element offsets through each tensor's own strides: NCHW (s_sp = 1) keeps loads contiguous along pixels,
+    # channels-last (s_sc = 1) is read in place, as strided tiles, rather than copied.
+    s_pix = (b * s_sb + hw * s_sp)[None, :]  # [1, HW_BLOCK]
+    t_pix = (b * t_sb + hw * t_sp)[None, :]
+    g_pix = (b * g_sb + hw * g_sp)[None, :]
     c_idx = tl.arange(0, C_BLOCK)  # [C_BLOCK]
 
     if ONE_TILE:
         in_c = c_idx < C
-        offs = base + c_idx[:, None].to(tl.int64) * HW + hw[None, :]  # [C_BLOCK, HW_BLOCK]
-        m2 = in_c[:, None] & in_hw[None, :]
+        ch = c_idx[:, None].to(tl.int64)  # [C_BLOCK, 1]
+        m2 = in_c[:, None] & in_hw[None, :]  # [C_BLOCK, HW_BLOCK]
         # Padded classes get -1e30 (finite, so no inf - inf) and vanish from max, sum and KL; pixels
         # past HW load 0 and are masked out of the KL sum and the stores.
-        zs = tl.load(s_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
-        zt = tl.load(t_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
+        zs = tl.load(s_ptr + s_pix + ch * s_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
+        zt = tl.load(t_ptr + t_pix + ch * t_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
         zs = tl.where(in_c[:, None], zs, -1e30)
         zt = tl.where(in_c[:, None], zt, -1e30)
         xs = zs - tl.max(zs, axis=0)[None, :]
@@ -84,7 +93,7 @@ def _pixel_kl_fwd_kernel(
         kl = tl.sum(tl.where(in_c[:, None], pt * (lpt - lps), 0.0), axis=0)  # [HW_BLOCK]
         if WRITE_GRAD:
             g = tl.where(pix[None, :], g_scale * (tl.exp(lps) - pt), 0.0)
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=m2)
+            tl.store(g_ptr + g_pix + ch * g_sc, g.to(g_ptr.dtype.element_ty), mask=m2)
     else:
         # Pass 1: online max and sum over the class chunks (m: running max, z: sum of exp(x - m)).
         ms = tl.full([HW_BLOCK], float("-inf"), tl.float32)
@@ -93,10 +102,10 @@ def _pixel_kl_fwd_kernel(
         st = tl.zeros([HW_BLOCK], tl.float32)
         for c0 in range(0, C, C_BLOCK):
             in_c = (c0 + c_idx) < C
-            offs = base + (c0 + c_idx)[:, None].to(tl.int64) * HW + hw[None, :]
+            ch = (c0 + c_idx)[:, None].to(tl.int64)
             m2 = in_c[:, None] & in_hw[None, :]
-            zs = tl.load(s_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
-            zt = tl.load(t_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
+            zs = tl.load(s_ptr + s_pix + ch * s_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
+            zt = tl.load(t_ptr + t_pix + ch * t_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
             zs = tl.where(in_c[:, None], zs, -1e30)
             zt = tl.where(in_c[:, None], zt, -1e30)
             ms_new = tl.maximum(ms, tl.max(zs, axis=0))
@@ -111,25 +120,25 @@ def _pixel_kl_fwd_kernel(
         kl = tl.zeros([HW_BLOCK], tl.float32)
         for c0 in range(0, C, C_BLOCK):
             in_c = (c0 + c_idx) < C
-            offs = base + (c0 + c_idx)[:, None].to(tl.int64) * HW + hw[None, :]
+            ch = (c0 + c_idx)[:, None].to(tl.int64)
             m2 = in_c[:, None] & in_hw[None, :]
-            zs = tl.load(s_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
-            zt = tl.load(t_ptr + offs, mask=m2, other=0.0).to(tl.float32) * inv_temp
+            zs = tl.load(s_ptr + s_pix + ch * s_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
+            zt = tl.load(t_ptr + t_pix + ch * t_sc, mask=m2, other=0.0).to(tl.float32) * inv_temp
             lps = (zs - ms[None, :]) - log_ss[None, :]
             lpt = (zt - mt[None, :]) - log_st[None, :]
             pt = tl.exp(lpt)
             kl += tl.sum(tl.where(in_c[:, None], pt * (lpt - lps), 0.0), axis=0)
             if WRITE_GRAD:
                 g = tl.where(pix[None, :], g_scale * (tl.exp(lps) - pt), 0.0)
-                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=m2)
+                tl.store(g_ptr + g_pix + ch * g_sc, g.to(g_ptr.dtype.element_ty), mask=m2)
 
     tl.store(kl_ptr + b * tl.num_programs(0) + blk, tl.sum(tl.where(pix, kl, 0.0), axis=0))
 
 
 def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
     """Launch the fused kernel. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked)."""
-    s = student.contiguous()
-    t = teacher.contiguous()
+    s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
+    t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     hw = s[0, 0].numel()
     dev = s.device
@@ -148,9 +157,11 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
     hw_block = min(max(16, 4096 // c_block), max(16, next_pow2(hw)))
     n_blk = triton.cdiv(hw, hw_block)
     kl = empty((b, n_blk), torch.float32, dev)
-    g = empty(s.shape, s.dtype, dev) if write_grad else s.new_empty(0)
+    g = empty_like(student) if write_grad else s.new_empty(0)  # the student's memory format
+    g_strides = strided_bchw(g)[1] if write_grad else s_strides
     _pixel_kl_fwd_kernel[(n_blk, b)](
-        s, t, v, nvalid, kl, g if write_grad else s, c, hw, 1.0 / float(temperature), float(temperature),
+        s, t, v, nvalid, kl, g if write_grad else s, c, hw, *s_strides, *t_strides, *g_strides,
+        1.0 / float(temperature), float(temperature),
         HAS_VALID=valid is not None, WRITE_GRAD=write_grad, C_BLOCK=c_block, HW_BLOCK=hw_block,
         ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
     loss = kl.sum() * (float(temperature) ** 2) / nvalid.clamp_min(1.0)
@@ -165,7 +176,7 @@ def _pixel_kl_op(student: torch.Tensor, teacher: torch.Tensor, valid: Optional[t
 
 @_pixel_kl_op.register_fake
 def _(student, teacher, valid, temperature, write_grad):
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
+    grad = torch.empty_like(student) if write_grad else student.new_empty(0)  # as pixel_kl_forward allocates it
     return student.new_empty((), dtype=torch.float32), grad
 
 

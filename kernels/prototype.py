@@ -13,7 +13,8 @@ observation loss. An image with no present class gives a uniform observation on 
 
 Fused L_ob (`prototype_kl` on the Triton path). Prototypes are normalised in torch (tiny, and autograd then
 carries their gradient back to the unnormalised ones); the kernel owns a block of pixels of one image and
-reads the teacher features once: u = A_hat @ f and ||f||^2 accumulate over D chunks (tensor-core dots, tf32x3 for
+reads the teacher features once (NCHW or channels-last, in place through their strides; dL/df_s takes the
+student's layout): u = A_hat @ f and ||f||^2 accumulate over D chunks (tensor-core dots, tf32x3 for
 ~fp32 accuracy), then both softmaxes over K and the KL stay in registers. With g_k = (p_s,k - p_t,k) / (B*H*W)
 on present classes (0 on absent ones), w = g / (tau * nf) and nf = max(||f_s||, EPS), the same program writes
 
@@ -26,7 +27,8 @@ so backward only scales them by grad_output. Teacher inputs that require grad ta
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import DOT_PRECISION, empty, needs_grad, next_pow2, triton, tl, upcast, use_triton
+from kernels._dispatch import (DOT_PRECISION, empty, empty_like, needs_grad, next_pow2, strided_bchw, triton, tl,
+                               upcast, use_triton)
 from kernels._grad_scale import scale_grad_
 
 ABSENT = -1e4
@@ -62,19 +64,22 @@ def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau):
 
 @triton.jit
 def _prototype_kl_fwd_kernel(
-    fs_ptr,  # [B, D, HW] student pixel features
-    ft_ptr,  # [B, D, HW] teacher pixel features
+    fs_ptr,  # [B, D, HW] student pixel features, element strides (fs_sb, fs_sd, fs_sp)
+    ft_ptr,  # [B, D, HW] teacher pixel features, element strides (ft_sb, ft_sd, ft_sp)
     as_ptr,  # [B, K, D] fp32 normalised student prototypes A_hat_s
     at_ptr,  # [B, K, D] fp32 normalised teacher prototypes A_hat_t
     present_ptr,  # [B, K] uint8: class k occurs in image b
     kl_ptr,  # [B, n_hw_blocks] fp32 out: sum of the per-pixel KL over each block
-    gf_ptr,  # [B, D, HW] out (student dtype): dL/df_s for grad_output = 1 (written when WRITE_GF)
+    gf_ptr,  # [B, D, HW] out (student dtype, strides gf_s*): dL/df_s for grad_output = 1 (written when WRITE_GF)
     ga_ptr,  # [B, K, D] fp32, zero-initialised: dL/dA_hat_s accumulated with atomics (when WRITE_GA)
     D,
     HW,
     K,
     inv_tau,
     inv_n,  # 1 / (B*H*W)
+    fs_sb, fs_sd, fs_sp,
+    ft_sb, ft_sd, ft_sp,
+    gf_sb, gf_sd, gf_sp,
     WRITE_GF: tl.constexpr,
     WRITE_GA: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -90,7 +95,10 @@ def _prototype_kl_fwd_kernel(
     in_k = k < K
     pres = (tl.load(present_ptr + b * K + k, mask=in_k, other=0) != 0) & in_k
     d_idx = tl.arange(0, D_BLOCK)
-    f_base = b * D * HW
+    # Features through their strides: contiguous along pixels for NCHW, channels-last read in place.
+    fs_pix = (b * fs_sb + hw * fs_sp)[None, :]  # [1, HW_BLOCK]
+    ft_pix = (b * ft_sb + hw * ft_sp)[None, :]
+    gf_pix = (b * gf_sb + hw * gf_sp)[None, :]
     a_base = b * K * D
 
     # Pass 1: u = A_hat @ f ([K_PAD, HW_BLOCK]) and ||f||^2 for both sides, over D chunks.
@@ -101,12 +109,12 @@ def _prototype_kl_fwd_kernel(
     for d0 in range(0, D, D_BLOCK):
         d = d0 + d_idx
         in_d = d < D
-        f_offs = f_base + d[:, None].to(tl.int64) * HW + hw[None, :]  # [D_BLOCK, HW_BLOCK]
-        f_mask = in_d[:, None] & in_hw[None, :]
+        d64 = d[:, None].to(tl.int64)  # [D_BLOCK, 1]
+        f_mask = in_d[:, None] & in_hw[None, :]  # [D_BLOCK, HW_BLOCK]
         a_offs = a_base + k[:, None] * D + d[None, :]  # [K_PAD, D_BLOCK]
         a_mask = in_k[:, None] & in_d[None, :]
-        fs = tl.load(fs_ptr + f_offs, mask=f_mask, other=0.0).to(tl.float32)
-        ft = tl.load(ft_ptr + f_offs, mask=f_mask, other=0.0).to(tl.float32)
+        fs = tl.load(fs_ptr + fs_pix + d64 * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
+        ft = tl.load(ft_ptr + ft_pix + d64 * ft_sd, mask=f_mask, other=0.0).to(tl.float32)
         a_s = tl.load(as_ptr + a_offs, mask=a_mask, other=0.0)
         a_t = tl.load(at_ptr + a_offs, mask=a_mask, other=0.0)
         us = tl.dot(a_s, fs, us, input_precision=PRECISION)
@@ -134,15 +142,15 @@ def _prototype_kl_fwd_kernel(
         for d0 in range(0, D, D_BLOCK):
             d = d0 + d_idx
             in_d = d < D
-            f_offs = f_base + d[:, None].to(tl.int64) * HW + hw[None, :]
+            d64 = d[:, None].to(tl.int64)
             f_mask = in_d[:, None] & in_hw[None, :]
             a_offs = a_base + k[:, None] * D + d[None, :]
             a_mask = in_k[:, None] & in_d[None, :]
-            fs = tl.load(fs_ptr + f_offs, mask=f_mask, other=0.0).to(tl.float32)
+            fs = tl.load(fs_ptr + fs_pix + d64 * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
             if WRITE_GF:
                 a_s = tl.load(as_ptr + a_offs, mask=a_mask, other=0.0)
                 gf = tl.dot(tl.trans(a_s), w, input_precision=PRECISION) + fs * r[None, :]  # [D_BLOCK, HW_BLOCK]
-                tl.store(gf_ptr + f_offs, gf.to(gf_ptr.dtype.element_ty), mask=f_mask)
+                tl.store(gf_ptr + gf_pix + d64 * gf_sd, gf.to(gf_ptr.dtype.element_ty), mask=f_mask)
             if WRITE_GA:
                 ga = tl.dot(w, tl.trans(fs), input_precision=PRECISION)  # [K_PAD, D_BLOCK]
                 tl.atomic_add(ga_ptr + a_offs, ga, mask=a_mask)
@@ -150,8 +158,8 @@ def _prototype_kl_fwd_kernel(
 
 def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
     """Returns (L_ob [] fp32, dL/df_s [B, D, H, W] or [0], dL/dA_hat_s [B, K, D] fp32 or [0])."""
-    fs = feat_s.contiguous()
-    ft = feat_t.contiguous()
+    fs, fs_strides = strided_bchw(feat_s)  # no copy for NCHW or channels-last
+    ft, ft_strides = strided_bchw(feat_t)
     a_s = ahat_s.float().contiguous()
     a_t = ahat_t.float().contiguous()
     pres = present.contiguous().view(torch.uint8)
@@ -166,12 +174,13 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
     d_block = 16
     n_blk = triton.cdiv(hw, hw_block)
     kl = empty((b, n_blk), torch.float32, fs.device)
-    gf = empty(fs.shape, fs.dtype, fs.device) if write_gf else fs.new_empty(0)
+    gf = empty_like(feat_s) if write_gf else fs.new_empty(0)  # the student's memory format
+    gf_strides = strided_bchw(gf)[1] if write_gf else fs_strides
     ga = torch.zeros((b, k, d), dtype=torch.float32, device=fs.device) if write_ga else a_s.new_empty(0)
     _prototype_kl_fwd_kernel[(n_blk, b)](
         fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ga if write_ga else a_s, d, hw, k, 1.0 / float(tau),
-        1.0 / (b * hw), WRITE_GF=write_gf, WRITE_GA=write_ga, K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block,
-        PRECISION=DOT_PRECISION, num_warps=8)
+        1.0 / (b * hw), *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga, K_PAD=k_pad,
+        D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
     return kl.sum() / (b * hw), gf, ga
 
 
@@ -184,7 +193,7 @@ def _prototype_kl_op(feat_s: torch.Tensor, feat_t: torch.Tensor, ahat_s: torch.T
 
 @_prototype_kl_op.register_fake
 def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
-    gf = torch.empty_like(feat_s, memory_format=torch.contiguous_format) if write_gf else feat_s.new_empty(0)
+    gf = torch.empty_like(feat_s) if write_gf else feat_s.new_empty(0)  # as prototype_kl_forward allocates it
     ga = ahat_s.new_empty(ahat_s.shape, dtype=torch.float32) if write_ga else ahat_s.new_empty(0, dtype=torch.float32)
     return feat_s.new_empty((), dtype=torch.float32), gf, ga
 

@@ -1,5 +1,5 @@
-"""bench/traffic.py: the counts add up over the phases, a fused op's bytes match the hand formula, the launchers'
-copies of channels-last inputs show, autocast follows CUDA's policy, segkd's step has no host sync while the
+"""bench/traffic.py: the counts add up over the phases, a fused op's bytes match the hand formula, channels-last
+inputs cost no launcher copies, autocast follows CUDA's policy, segkd's step has no host sync while the
 reference loop's has, and --small writes its tables."""
 import json
 import sys
@@ -64,22 +64,20 @@ def test_pixel_kl_forward_bytes_equal_the_hand_formula():
     assert not any("clone" in e.kernel or "copy" in e.kernel for e in events)  # contiguous inputs: no copy
 
 
-def test_channels_last_inputs_show_the_launchers_copies():
+def test_channels_last_inputs_are_read_without_copies():
     def counted(memory_format):
         def inputs():
             s = torch.randn(SHAPE).contiguous(memory_format=memory_format).requires_grad_()  # a leaf
             return s, torch.randn(SHAPE).contiguous(memory_format=memory_format)
         return count_op(lambda s, t: kernels.pixel_kl(s, t).backward(), inputs)
 
-    n = SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] * 4
     dense_events, (dense,) = counted(torch.contiguous_format)
     cl_events, (cl,) = counted(torch.channels_last)
     assert cl["minimum"] == dense["minimum"]  # the same inputs, outputs and gradient
-    # `.contiguous()` of each input: read and written once more
-    assert cl["forward"] - dense["forward"] == 4 * n
-    assert len([e for e in cl_events if e.op and "contiguous" in e.kernel]) == 2
-    assert not any("contiguous" in e.kernel for e in dense_events)
-    assert cl["ratio"] > dense["ratio"] >= 1
+    # issue 12: the launcher reads channels-last logits through their strides, so no `.contiguous()` copy
+    assert (cl["forward"], cl["backward"]) == (dense["forward"], dense["backward"])
+    assert not any("contiguous" in e.kernel or "clone" in e.kernel for e in cl_events + dense_events)
+    assert cl["ratio"] == dense["ratio"] == pytest.approx(1, abs=0.01)  # grad_output 1: the gradient is not rescaled
 
 
 def test_scale_grad_touches_the_gradient_only_when_grad_output_is_not_one(kd, cad):

@@ -1,5 +1,8 @@
 """Shared helpers for the kernel tests: devices, dtypes, random inputs, the fused-vs-reference check, and the
 float64 numpy building blocks of the checks against independent formulas."""
+import contextlib
+from unittest import mock
+
 import numpy as np
 import torch
 
@@ -14,6 +17,37 @@ def randn(*shape, dtype=torch.float32, scale=1.0, seed=None):
     """Fresh random values (never zeros) on the test device, rounded to `dtype`."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+# Memory layouts a fused op must read in place: the trainer makes every model output channels-last.
+LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+# (student, teacher) layouts of two-input ops: both, and mixed
+LAYOUT_PAIRS = [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("nchw", "cl")]
+
+
+def laid_out(x, layout):
+    """x in the memory format named by `layout` ("nchw" or "cl"), asserting that the strides really differ
+    between the two (they coincide when C == 1 or H*W == 1)."""
+    y = x.contiguous(memory_format=LAYOUTS[layout])
+    assert layout == "nchw" or y.stride() != x.contiguous().stride(), f"{tuple(x.shape)}: layouts coincide"
+    return y
+
+
+@contextlib.contextmanager
+def layout_copies():
+    """Records the shape of every `Tensor.contiguous()` call that copies (returns another storage) while active:
+    a launcher that reads its inputs through their strides makes none."""
+    copies = []
+    original = torch.Tensor.contiguous
+
+    def contiguous(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if out.data_ptr() != self.data_ptr():
+            copies.append(tuple(self.shape))
+        return out
+
+    with mock.patch.object(torch.Tensor, "contiguous", contiguous):
+        yield copies
 
 
 def _run(fn, inputs, grad_idx, upstream):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DTYPES, NUMPY_SHAPES, RNG, compare, randn, t64, unit
+from kernel_testing import (DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies,
+                            randn, t64, unit)
 from kernels import angular_loss
 from kernels.angular import MODES, angular_loss_reference
 
@@ -61,6 +62,37 @@ def test_unknown_mode_is_named():
 def test_larger_shapes(fused, dtype, mode):
     s, t = randn(2, 96, 33, 65, dtype=dtype), randn(2, 96, 33, 65, dtype=dtype)
     compare(lambda s, t: angular_loss(s, t, mode), lambda s, t: angular_loss_reference(s, t, mode), [s, t])
+
+
+# ---------------------------------------------------------------- memory layouts (issue 12)
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layouts_match_reference(fused, row_tiles, dtype, mode, layouts):
+    # 37 channels: the point mode's two channel blocks; row_tiles "small": rows split across programs
+    s, t = (laid_out(randn(2, 37, 5, 7, dtype=dtype), lay) for lay in layouts)
+    _, (g,) = compare(lambda s, t: angular_loss(s, t, mode), lambda s, t: angular_loss_reference(s, t, mode), [s, t])
+    assert g.stride() == s.stride()  # the gradient comes back in the student's memory format
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, mode, layout):
+    s = laid_out(randn(2, 19, 5, 7), layout).requires_grad_()
+    t = laid_out(randn(2, 19, 5, 7), layout)
+    with layout_copies() as copies:  # forward and backward
+        (angular_loss(s, t, mode) * GO).backward()
+    assert copies == [] and s.grad.stride() == s.stride()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_views_without_a_pixel_stride_are_copied_and_correct(fused, mode):
+    s_full = randn(2, 19, 5, 9).requires_grad_()
+    t = randn(2, 19, 5, 9)[..., 1:8]
+    angular_loss(s_full[..., :7], t, mode).backward()
+    s_ref = s_full.detach().double().requires_grad_()
+    angular_loss_reference(s_ref[..., :7], t.double(), mode).backward()
+    torch.testing.assert_close(s_full.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- against float64 numpy formulas

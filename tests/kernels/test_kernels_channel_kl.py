@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DTYPES, NUMPY_SHAPES, RNG, compare, randn, softmax, t64
+from kernel_testing import (DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies, randn,
+                            softmax, t64)
 from kernels import channel_kl
 from kernels.channel_kl import channel_kl_reference
 
@@ -50,6 +51,33 @@ def test_forward_only(fused):
 
 def test_teacher_requiring_grad_takes_the_exact_reference(fused):
     compare(channel_kl, channel_kl_reference, [randn(1, 19, 3, 5), randn(1, 19, 3, 5)], grad_idx=(0, 1))
+
+
+# ---------------------------------------------------------------- memory layouts (issue 12)
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layouts_match_reference(fused, row_tiles, dtype, layouts):
+    s, t = (laid_out(randn(2, 19, 5, 9, dtype=dtype, scale=3), lay) for lay in layouts)
+    _, (g,) = compare(lambda s, t: channel_kl(s, t, 4.0), lambda s, t: channel_kl_reference(s, t, 4.0), [s, t])
+    assert g.stride() == s.stride()  # the gradient comes back in the student's memory format
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, layout):
+    s = laid_out(randn(2, 19, 5, 7), layout).requires_grad_()
+    t = laid_out(randn(2, 19, 5, 7), layout)
+    with layout_copies() as copies:
+        (channel_kl(s, t) * GO).backward()
+    assert copies == [] and s.grad.stride() == s.stride()
+
+
+def test_views_without_a_pixel_stride_are_copied_and_correct(fused):
+    s_full = randn(2, 19, 5, 9).requires_grad_()
+    t = randn(2, 19, 5, 9)[..., 1:8]
+    channel_kl(s_full[..., :7], t, 2.0).backward()
+    s_ref = s_full.detach().double().requires_grad_()
+    channel_kl_reference(s_ref[..., :7], t.double(), 2.0).backward()
+    torch.testing.assert_close(s_full.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, t64
+from kernel_testing import DEVICE, DTYPES, RNG, compare, laid_out, layout_copies, randn, t64
 from kernels import masked_avg_pool
 from kernels.masked_avg_pool import masked_avg_pool_reference
 
@@ -64,6 +64,37 @@ def test_ignore_index_inside_class_range(fused):
 def test_float_labels_are_refused():
     with pytest.raises(ValueError, match="integer"):
         masked_avg_pool(randn(1, 4, 3, 3), torch.zeros(1, 3, 3, device=DEVICE), 19)
+
+
+# ---------------------------------------------------------------- memory layouts (issue 12)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 40, 5, 7, 19), (1, 24, 3, 5, 150)], ids=str)
+def test_layouts_match_reference(fused, shape, dtype, layout):
+    b, c, h, w, k = shape
+    lab = labels_for(b, h, w, k)
+    f = laid_out(randn(b, c, h, w, dtype=dtype), layout)
+    _, (g,) = compare(lambda f: masked_avg_pool(f, lab, k), lambda f: masked_avg_pool_reference(f, lab, k), [f])
+    assert g.stride() == f.stride()  # the gradient comes back in the features' memory format
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, layout):
+    f = laid_out(randn(2, 40, 5, 7), layout).requires_grad_()
+    with layout_copies() as copies:
+        protos, _ = masked_avg_pool(f, labels_for(2, 5, 7, 19), 19)
+        (protos * randn(*protos.shape)).sum().backward()
+    assert f.shape not in copies and f.grad.stride() == f.stride()  # the [B, K, C] prototypes may be copied
+
+
+def test_views_without_a_pixel_stride_are_copied_and_correct(fused):
+    f_full = randn(2, 40, 5, 9).requires_grad_()
+    lab = labels_for(2, 5, 7, 19)
+    w = randn(2, 19, 40)
+    (masked_avg_pool(f_full[..., :7], lab, 19)[0] * w).sum().backward()
+    f_ref = f_full.detach().double().requires_grad_()
+    (masked_avg_pool_reference(f_ref[..., :7], lab, 19)[0] * w).sum().backward()
+    torch.testing.assert_close(f_full.grad, f_ref.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

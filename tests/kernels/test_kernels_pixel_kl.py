@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DEVICE, DTYPES, NUMPY_SHAPES, RNG, compare, randn, softmax, t64
+from kernel_testing import (DEVICE, DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies,
+                            randn, softmax, t64)
 from kernels import pixel_kl
 from kernels.pixel_kl import pixel_kl_reference
 
@@ -123,3 +124,35 @@ def test_pixel_kl_no_valid_pixel_is_zero():
     s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     out = kernels.pixel_kl(s, t, 1.0, valid=torch.zeros(2, 3, 3, dtype=torch.bool))
     assert out.item() == 0.0
+
+
+# ---------------------------------------------------------------- memory layouts (issue 12)
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 19, 5, 7), (1, 300, 3, 3)], ids=str)  # one tile, and the chunked path
+def test_layouts_match_reference(fused, shape, dtype, layouts):
+    b, c, h, w = shape
+    s, t = (laid_out(randn(*shape, dtype=dtype, scale=3), lay) for lay in layouts)
+    valid = torch.rand(b, h, w, device=DEVICE) > 0.3
+    _, (g,) = compare(lambda s, t: pixel_kl(s, t, 2.0, valid), lambda s, t: pixel_kl_reference(s, t, 2.0, valid),
+                      [s, t])
+    assert g.stride() == s.stride()  # the gradient comes back in the student's memory format
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, layout):
+    s = laid_out(randn(2, 19, 5, 7), layout).requires_grad_()
+    t = laid_out(randn(2, 19, 5, 7), layout)
+    with layout_copies() as copies:
+        (pixel_kl(s, t) * GO).backward()
+    assert copies == [] and s.grad.stride() == s.stride()
+
+
+def test_views_without_a_pixel_stride_are_copied_and_correct(fused):
+    # a crop along W: H and W strides do not merge, so the launcher copies (once) and stays exact
+    s_full = randn(2, 19, 5, 9).requires_grad_()
+    t = randn(2, 19, 5, 9)[..., 1:8]
+    pixel_kl(s_full[..., :7], t, 2.0).backward()
+    s_ref = s_full.detach().double().requires_grad_()
+    pixel_kl_reference(s_ref[..., :7], t.double(), 2.0).backward()
+    torch.testing.assert_close(s_full.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-7)

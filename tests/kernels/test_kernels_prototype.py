@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, softmax, t64, unit
+from kernel_testing import (DEVICE, DTYPES, GO, LAYOUT_PAIRS, RNG, compare, laid_out, layout_copies, randn, softmax,
+                            t64, unit)
 from kernels import prototype_kl
 from kernels.prototype import prototype_kl_reference
 
@@ -65,6 +66,38 @@ def test_bad_present_mask_is_named():
     with pytest.raises(ValueError, match="present"):
         prototype_kl(randn(1, 8, 3, 3), randn(1, 8, 3, 3), randn(1, 19, 8), randn(1, 19, 8),
                      torch.ones(1, 19, device=DEVICE), 0.1)
+
+
+# ---------------------------------------------------------------- memory layouts (issue 12)
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layouts_match_reference(fused, dtype, layouts):
+    b, d, h, w, k = 2, 24, 5, 7, 19
+    present = present_mask(b, k)
+    fs, ft = (laid_out(randn(b, d, h, w, dtype=dtype), lay) for lay in layouts)
+    _, (g, _) = compare(lambda fs, ft, ps, pt: prototype_kl(fs, ft, ps, pt, present, 0.1),
+                        lambda fs, ft, ps, pt: prototype_kl_reference(fs, ft, ps, pt, present, 0.1),
+                        [fs, ft, randn(b, k, d), randn(b, k, d)], grad_idx=(0, 2))
+    assert g.stride() == fs.stride()  # the gradient comes back in the student's memory format
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, layout):
+    fs = laid_out(randn(2, 24, 5, 7), layout).requires_grad_()
+    ft = laid_out(randn(2, 24, 5, 7), layout)
+    with layout_copies() as copies:
+        (prototype_kl(fs, ft, randn(2, 19, 24), randn(2, 19, 24), present_mask(2, 19), 0.1) * GO).backward()
+    assert fs.shape not in copies and fs.grad.stride() == fs.stride()
+
+
+def test_views_without_a_pixel_stride_are_copied_and_correct(fused):
+    fs_full = randn(2, 24, 5, 9).requires_grad_()
+    ft = randn(2, 24, 5, 9)[..., 1:8]
+    ps, pt, present = randn(2, 19, 24), randn(2, 19, 24), present_mask(2, 19)
+    prototype_kl(fs_full[..., :7], ft, ps, pt, present, 0.1).backward()
+    fs_ref = fs_full.detach().double().requires_grad_()
+    prototype_kl_reference(fs_ref[..., :7], ft.double(), ps.double(), pt.double(), present, 0.1).backward()
+    torch.testing.assert_close(fs_full.grad, fs_ref.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
