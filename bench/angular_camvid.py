@@ -54,6 +54,8 @@ VARIANTS = {
     "cad_ad_only": ("cad, ad 10, no KD term", ["--method", "cad", "--ad-kd-weight", "0"]),
     "cad_ad1": ("cad, ad 1, kd 10 pixel mean", ["--method", "cad", "--ad-weight", "1", *PIXEL]),
     "cad_pixel_lr": ("cad, old defaults, lr 0.025 (half)", ["--method", "cad", *PIXEL, "--lr", "0.025"]),
+    "alone_lr": ("student alone, lr 0.025 (half)", ["--method", "none", "--lr", "0.025"]),
+    "cad_element_lr": ("cad, kd element mean, lr 0.025 (half)", ["--method", "cad", *ELEMENT, "--lr", "0.025"]),
     "cad_pixel_dec": ("cad, old defaults, at the decoder", ["--method", "cad", *PIXEL, "--position", "decoder"]),
     "cad_element": ("cad, ad 10, kd 10 element mean (/C): the authors' code", ["--method", "cad", *ELEMENT]),
     "lad_pixel": ("lad, old defaults", ["--method", "lad", *PIXEL]),
@@ -65,8 +67,8 @@ VARIANTS = {
                     ["--method", "apd", "--apd-kd-unit", "element"]),
 }
 # two seeds are enough for the diagnostic variations and the old defaults of lad/pad/apd
-DIAGNOSTIC = ("kd", "kd_w10", "cad_ad_only", "cad_ad1", "cad_pixel_lr", "cad_pixel_dec", "lad_pixel", "pad_pixel",
-              "apd_pixel")
+DIAGNOSTIC = ("kd_w10", "cad_ad_only", "cad_ad1", "cad_pixel_lr", "alone_lr", "cad_element_lr", "cad_pixel_dec",
+              "lad_pixel", "pad_pixel", "apd_pixel")
 FIRST = ("alone", "cad_pixel", "cad_element", "apd_element", "lad_element", "pad_element")  # run order
 
 
@@ -122,6 +124,16 @@ def collect(runs, name, seeds):
     return rows
 
 
+def term_ratios(out):
+    """(KD term / CE, all distillation terms / CE) at the first logged iteration of a run (its log.jsonl):
+    how strongly the loss pulls towards the teacher against the labels while the student is still young."""
+    first = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train")
+    terms = first["terms"]
+    kd = sum(v for k, v in terms.items() if k.endswith("/kd"))
+    distill = sum(v for k, v in terms.items() if k != "ce" and not k.endswith("teacher_proj"))
+    return kd / terms["ce"], distill / terms["ce"]
+
+
 def mean_sd(values):
     if not values:
         return "-"
@@ -148,18 +160,20 @@ def report(args, runs, teacher, out_dir):
             f"mIoU), students {args.student} for {args.iters} iterations. Train: 300 frames; dev: the last "
             f"{DEV_FRAMES} train frames, held out (where runs are compared); val: the 101 val frames (reported). "
             "Deltas are against the mean of the student alone over its seeds.", "",
-            "| run | what changes | seeds | dev mIoU | val mIoU | val delta | val Tree IoU | worst class delta (val) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| run | what changes | seeds | KD / CE | distillation / CE | dev mIoU | val mIoU | val delta | "
+            "val Tree IoU | worst class delta (val) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
     else:
         lines = [
             "## Built-in synthetic data (the main job's settings, one process)", "",
             f"{device}, torch {torch.__version__}. `python bench/angular_camvid.py --dataset synthetic`: the "
             f"engine's defaults (teacher pspnet_small trained {teacher['iters']} iterations, val "
-            f"{100 * teacher['val']:.1f} mIoU; students pspnet_tiny). Deltas against the mean of the student alone.",
+            f"{100 * teacher['val']:.1f} mIoU; students pspnet_tiny). Deltas against the mean of the student alone; "
+            "KD / CE and distillation / CE as in the CamVid table.",
             "",
-            "| run | what changes | seeds | val mIoU | val delta | worst class delta |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| run | what changes | seeds | KD / CE | distillation / CE | val mIoU | val delta | worst class delta |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
     for name, (what, _) in VARIANTS.items():
         rows = collect(runs, name, args.seeds)
@@ -173,12 +187,15 @@ def report(args, runs, teacher, out_dir):
             c = min(range(len(classes)), key=lambda c: mean_iou[c] - base_iou[c])
             worst = f"{classes[c]} {100 * (mean_iou[c] - base_iou[c]):+.1f}"
         seeds = ",".join(str(r["seed"]) for r in rows)
+        ratios = [term_ratios(runs / f"{name}-s{r['seed']}") for r in rows]
+        kd_ce = "-" if name == "alone" else f"{statistics.mean(k for k, _ in ratios):.2f}"
+        all_ce = "-" if name == "alone" else f"{statistics.mean(d for _, d in ratios):.2f}"
         if camvid:
             trees = mean_sd([r["val"]["iou"][CLASS_NAMES.index("Tree")] for r in rows])
-            lines.append(f"| {name} | {what} | {seeds} | {mean_sd([r['dev']['miou'] for r in rows])} | "
-                         f"{mean_sd(val)} | {delta} | {trees} | {worst} |")
+            lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | "
+                         f"{mean_sd([r['dev']['miou'] for r in rows])} | {mean_sd(val)} | {delta} | {trees} | {worst} |")
         else:
-            lines.append(f"| {name} | {what} | {seeds} | {mean_sd(val)} | {delta} | {worst} |")
+            lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | {mean_sd(val)} | {delta} | {worst} |")
     lines += ["", "Student alone, per seed (val): " + ", ".join(f"{100 * r['val']['miou']:.1f}" for r in base) + "."]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "angular_camvid_cpu.md"
