@@ -207,7 +207,8 @@ def _angular_point_bwd_kernel(
 
 
 def _point_tiling(c, hw):
-    """(C_BLOCK, HW_BLOCK, num_warps) for the point mode: ~4K-element tiles on 8 warps (< 100 registers)."""
+    """(C_BLOCK, HW_BLOCK, num_warps) for the point mode: ~4K-element tiles on 8 warps (< 100 registers at the
+    workload shapes, bench/results/aot_sm90.md)."""
     c_block = min(32, next_pow2(c))
     hw_block = min(max(16, 4096 // c_block), max(16, next_pow2(hw)))
     return c_block, hw_block, 8 if c_block * hw_block >= 4096 else 4

@@ -152,8 +152,9 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
     c_pad = next_pow2(c)
     one_tile = c_pad <= 256
     c_block = c_pad if one_tile else 64
-    # ~4K-element tiles on 8 warps: ptxas gives ~125 registers per thread, no spills, for C = 19 and C = 150
-    # (tests/kernels/aot_compile.py --ptxas-info); larger tiles spill, smaller ones just add programs.
+    # ~4K-element tiles on 8 warps: with the JIT's specialisation at the workload shapes, 69 registers for
+    # C = 19 and 64 for C = 150 and 171, no spills, 16-byte loads (bench/results/aot_sm90.md); smaller tiles
+    # just add programs.
     hw_block = min(max(16, 4096 // c_block), max(16, next_pow2(hw)))
     n_blk = triton.cdiv(hw, hw_block)
     kl = empty((b, n_blk), torch.float32, dev)

@@ -20,9 +20,14 @@ on present classes (0 on absent ones), w = g / (tau * nf) and nf = max(||f_s||, 
 
     dL/df_s    = A_hat_s^T w - [||f_s|| > EPS] * f_s * sum_k(w_k u_k) / nf^2      (second pass over D,
                                                     re-reading the student tile the first pass just read)
-    dL/dA_hat_s = sum_hw w f_s^T                                                  (atomic adds, [B, K, D] fp32)
+    dL/dA_hat_s = sum_hw w f_s^T                                  (partial per program, summed over programs)
 
 so backward only scales them by grad_output. Teacher inputs that require grad take the torch reference.
+
+dL/dA_hat_s is a sum over all pixels of an image, reduced deterministically in two stages (no atomics, so
+two runs give bitwise-equal gradients): each program owns a fixed run of pixel blocks and accumulates its
+[K, D] partial in place in its own slice of a workspace [B, n_split, K, D] fp32 (plain loads and stores, one
+writer per slice), then torch sums the split axis. n_split bounds the workspace (`_ga_splits`).
 """
 import torch
 import torch.nn.functional as F
@@ -69,14 +74,15 @@ def _prototype_kl_fwd_kernel(
     as_ptr,  # [B, K, D] fp32 normalised student prototypes A_hat_s
     at_ptr,  # [B, K, D] fp32 normalised teacher prototypes A_hat_t
     present_ptr,  # [B, K] uint8: class k occurs in image b
-    kl_ptr,  # [B, n_hw_blocks] fp32 out: sum of the per-pixel KL over each block
+    kl_ptr,  # [B, n_split] fp32 out: sum of the per-pixel KL over each program's pixel blocks
     gf_ptr,  # [B, D, HW] out (student dtype, strides gf_s*): dL/df_s for grad_output = 1 (written when WRITE_GF)
-    ga_ptr,  # [B, K, D] fp32, zero-initialised: dL/dA_hat_s accumulated with atomics (when WRITE_GA)
+    ga_ptr,  # [B, n_split, K, D] fp32 in place: a program's partial dL/dA_hat_s, set by its first block, when WRITE_GA
     D,
     HW,
     K,
     inv_tau,
     inv_n,  # 1 / (B*H*W)
+    blocks_per_prog,  # pixel blocks [split * blocks_per_prog, ...) belong to program split
     fs_sb, fs_sd, fs_sp,
     ft_sb, ft_sd, ft_sp,
     gf_sb, gf_sd, gf_sp,
@@ -87,73 +93,97 @@ def _prototype_kl_fwd_kernel(
     HW_BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    blk = tl.program_id(0)
+    split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    hw = blk.to(tl.int64) * HW_BLOCK + tl.arange(0, HW_BLOCK)  # [HW_BLOCK]
-    in_hw = hw < HW
     k = tl.arange(0, K_PAD)  # [K_PAD]
     in_k = k < K
     pres = (tl.load(present_ptr + b * K + k, mask=in_k, other=0) != 0) & in_k
     d_idx = tl.arange(0, D_BLOCK)
-    # Features through their strides: contiguous along pixels for NCHW, channels-last read in place.
-    fs_pix = (b * fs_sb + hw * fs_sp)[None, :]  # [1, HW_BLOCK]
-    ft_pix = (b * ft_sb + hw * ft_sp)[None, :]
-    gf_pix = (b * gf_sb + hw * gf_sp)[None, :]
     a_base = b * K * D
+    ws_base = (b * tl.num_programs(0) + split) * K * D  # this program's [K, D] slice of the workspace
+    blk0 = split * blocks_per_prog
+    kl_acc = 0.0
+    for blk in range(blk0, tl.minimum(blk0 + blocks_per_prog, tl.cdiv(HW, HW_BLOCK))):
+        hw = tl.arange(0, HW_BLOCK).to(tl.int64) + blk * HW_BLOCK  # [HW_BLOCK]; HW < 2^31 per image
+        in_hw = hw < HW
+        # Features through their strides: contiguous along pixels for NCHW, channels-last read in place.
+        fs_pix = (b * fs_sb + hw * fs_sp)[None, :]  # [1, HW_BLOCK]
+        ft_pix = (b * ft_sb + hw * ft_sp)[None, :]
+        gf_pix = (b * gf_sb + hw * gf_sp)[None, :]
 
-    # Pass 1: u = A_hat @ f ([K_PAD, HW_BLOCK]) and ||f||^2 for both sides, over D chunks.
-    us = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
-    ut = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
-    fss = tl.zeros([HW_BLOCK], tl.float32)
-    ftt = tl.zeros([HW_BLOCK], tl.float32)
-    for d0 in range(0, D, D_BLOCK):
-        d = d0 + d_idx
-        in_d = d < D
-        d64 = d[:, None].to(tl.int64)  # [D_BLOCK, 1]
-        f_mask = in_d[:, None] & in_hw[None, :]  # [D_BLOCK, HW_BLOCK]
-        a_offs = a_base + k[:, None] * D + d[None, :]  # [K_PAD, D_BLOCK]
-        a_mask = in_k[:, None] & in_d[None, :]
-        fs = tl.load(fs_ptr + fs_pix + d64 * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
-        ft = tl.load(ft_ptr + ft_pix + d64 * ft_sd, mask=f_mask, other=0.0).to(tl.float32)
-        a_s = tl.load(as_ptr + a_offs, mask=a_mask, other=0.0)
-        a_t = tl.load(at_ptr + a_offs, mask=a_mask, other=0.0)
-        us = tl.dot(a_s, fs, us, input_precision=PRECISION)
-        ut = tl.dot(a_t, ft, ut, input_precision=PRECISION)
-        fss += tl.sum(fs * fs, axis=0)
-        ftt += tl.sum(ft * ft, axis=0)
-
-    nfs = tl.maximum(tl.sqrt(fss), 1e-6)  # [HW_BLOCK], EPS as in the reference
-    nft = tl.maximum(tl.sqrt(ftt), 1e-6)
-    # Absent classes take ABSENT = -1e4 like the reference; padded classes -1e30 so they never count.
-    os_ = tl.where(pres[:, None], us * (inv_tau / nfs)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
-    ot = tl.where(pres[:, None], ut * (inv_tau / nft)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
-    xs = os_ - tl.max(os_, axis=0)[None, :]
-    xt = ot - tl.max(ot, axis=0)[None, :]
-    lps = xs - tl.log(tl.sum(tl.exp(xs), axis=0))[None, :]  # [K_PAD, HW_BLOCK]
-    lpt = xt - tl.log(tl.sum(tl.exp(xt), axis=0))[None, :]
-    pt = tl.exp(lpt)
-    kl = tl.sum(tl.where(in_k[:, None], pt * (lpt - lps), 0.0), axis=0)  # [HW_BLOCK]
-    tl.store(kl_ptr + b * tl.num_programs(0) + blk, tl.sum(tl.where(in_hw, kl, 0.0), axis=0))
-
-    if WRITE_GF or WRITE_GA:
-        g = tl.where(pres[:, None] & in_hw[None, :], (tl.exp(lps) - pt) * inv_n, 0.0)
-        w = g * (inv_tau / nfs)[None, :]  # dL/du_s, [K_PAD, HW_BLOCK]
-        r = tl.where(tl.sqrt(fss) > 1e-6, -tl.sum(w * us, axis=0) / (nfs * nfs), 0.0)  # [HW_BLOCK]
+        # Pass 1: u = A_hat @ f ([K_PAD, HW_BLOCK]) and ||f||^2, over D chunks, one side after the other:
+        # only one side's [K_PAD, D_BLOCK] prototype tile (split hi/lo for tf32x3) is live at a time, which
+        # keeps K_PAD = 256 within the register file.
+        us = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
+        fss = tl.zeros([HW_BLOCK], tl.float32)
         for d0 in range(0, D, D_BLOCK):
             d = d0 + d_idx
-            in_d = d < D
-            d64 = d[:, None].to(tl.int64)
-            f_mask = in_d[:, None] & in_hw[None, :]
-            a_offs = a_base + k[:, None] * D + d[None, :]
-            a_mask = in_k[:, None] & in_d[None, :]
-            fs = tl.load(fs_ptr + fs_pix + d64 * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
-            if WRITE_GF:
-                a_s = tl.load(as_ptr + a_offs, mask=a_mask, other=0.0)
-                gf = tl.dot(tl.trans(a_s), w, input_precision=PRECISION) + fs * r[None, :]  # [D_BLOCK, HW_BLOCK]
-                tl.store(gf_ptr + gf_pix + d64 * gf_sd, gf.to(gf_ptr.dtype.element_ty), mask=f_mask)
+            f_mask = (d < D)[:, None] & in_hw[None, :]  # [D_BLOCK, HW_BLOCK]
+            fs = tl.load(fs_ptr + fs_pix + d[:, None].to(tl.int64) * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
+            a_s = tl.load(as_ptr + a_base + k[:, None] * D + d[None, :], mask=in_k[:, None] & (d < D)[None, :],
+                          other=0.0)  # [K_PAD, D_BLOCK]
+            us = tl.dot(a_s, fs, us, input_precision=PRECISION)
+            fss += tl.sum(fs * fs, axis=0)
+        ut = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
+        ftt = tl.zeros([HW_BLOCK], tl.float32)
+        for d0 in range(0, D, D_BLOCK):
+            d = d0 + d_idx
+            f_mask = (d < D)[:, None] & in_hw[None, :]
+            ft = tl.load(ft_ptr + ft_pix + d[:, None].to(tl.int64) * ft_sd, mask=f_mask, other=0.0).to(tl.float32)
+            a_t = tl.load(at_ptr + a_base + k[:, None] * D + d[None, :], mask=in_k[:, None] & (d < D)[None, :],
+                          other=0.0)
+            ut = tl.dot(a_t, ft, ut, input_precision=PRECISION)
+            ftt += tl.sum(ft * ft, axis=0)
+
+        nfs = tl.maximum(tl.sqrt(fss), 1e-6)  # [HW_BLOCK], EPS as in the reference
+        nft = tl.maximum(tl.sqrt(ftt), 1e-6)
+        # Absent classes take ABSENT = -1e4 like the reference; padded classes -1e30 so they never count.
+        os_ = tl.where(pres[:, None], us * (inv_tau / nfs)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
+        ot = tl.where(pres[:, None], ut * (inv_tau / nft)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
+        xs = os_ - tl.max(os_, axis=0)[None, :]
+        xt = ot - tl.max(ot, axis=0)[None, :]
+        lps = xs - tl.log(tl.sum(tl.exp(xs), axis=0))[None, :]  # [K_PAD, HW_BLOCK]
+        lpt = xt - tl.log(tl.sum(tl.exp(xt), axis=0))[None, :]
+        pt = tl.exp(lpt)
+        kl = tl.sum(tl.where(in_k[:, None], pt * (lpt - lps), 0.0), axis=0)  # [HW_BLOCK]
+        kl_acc += tl.sum(tl.where(in_hw, kl, 0.0), axis=0)
+
+        if WRITE_GF or WRITE_GA:
+            g = tl.where(pres[:, None] & in_hw[None, :], (tl.exp(lps) - pt) * inv_n, 0.0)
+            w = g * (inv_tau / nfs)[None, :]  # dL/du_s, [K_PAD, HW_BLOCK]
+            r = tl.where(tl.sqrt(fss) > 1e-6, -tl.sum(w * us, axis=0) / (nfs * nfs), 0.0)  # [HW_BLOCK]
+            for d0 in range(0, D, D_BLOCK):
+                d = d0 + d_idx
+                in_d = d < D
+                d64 = d[:, None].to(tl.int64)
+                f_mask = in_d[:, None] & in_hw[None, :]
+                a_mask = in_k[:, None] & in_d[None, :]
+                fs = tl.load(fs_ptr + fs_pix + d64 * fs_sd, mask=f_mask, other=0.0).to(tl.float32)
+                if WRITE_GF:
+                    a_s = tl.load(as_ptr + a_base + k[:, None] * D + d[None, :], mask=a_mask, other=0.0)
+                    gf = tl.dot(tl.trans(a_s), w, input_precision=PRECISION) + fs * r[None, :]  # [D_BLOCK, HW_BLOCK]
+                    tl.store(gf_ptr + gf_pix + d64 * gf_sd, gf.to(gf_ptr.dtype.element_ty), mask=f_mask)
+                if WRITE_GA:
+                    ws = ga_ptr + ws_base + k[:, None] * D + d[None, :]  # [K_PAD, D_BLOCK]
+                    # The first block writes the slice, so the workspace needs no zeroing.
+                    ga = tl.load(ws, mask=a_mask & (tl.full([K_PAD, D_BLOCK], blk, tl.int32) > blk0), other=0.0)
+                    ga = tl.dot(w, tl.trans(fs), ga, input_precision=PRECISION)  # [K_PAD, D_BLOCK]
+                    tl.store(ws, ga, mask=a_mask)
             if WRITE_GA:
-                ga = tl.dot(w, tl.trans(fs), input_precision=PRECISION)  # [K_PAD, D_BLOCK]
-                tl.atomic_add(ga_ptr + a_offs, ga, mask=a_mask)
+                tl.debug_barrier()  # the next block re-reads the slice, possibly from other threads of the program
+    tl.store(kl_ptr + b * tl.num_programs(0) + split, kl_acc)
+
+
+GA_PROGRAMS = 256  # programs per launch when dL/dA_hat_s is reduced: about 2 per SM of an H100/H200
+GA_WORKSPACE_BYTES = 64 << 20  # bound on the [B, n_split, K, D] fp32 workspace
+
+
+def _ga_splits(b, k, d, n_blk):
+    """Number of pixel-block runs (programs per image) for the two-stage dL/dA_hat_s reduction.
+
+    More splits keep the GPU busy; each costs a [K, D] fp32 partial per image, read once more by the sum.
+    """
+    return max(1, min(n_blk, triton.cdiv(GA_PROGRAMS, b), GA_WORKSPACE_BYTES // (b * k * d * 4)))
 
 
 def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
@@ -167,20 +197,23 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
     hw = fs[0, 0].numel()
     k = a_s.shape[1]
     k_pad = max(16, next_pow2(k))
-    # Two [K_PAD, HW_BLOCK] fp32 accumulators stay live across the D loop. K = 19 (K_PAD 32) with these
-    # sizes on 8 warps: ~185 registers, no spills; K = 150 (K_PAD 256) spills ~1.4 KB per thread whatever
-    # the tiling (tests/kernels/aot_compile.py --ptxas-info): correct, but the K = 150 case is not tuned.
+    # Two [K_PAD, HW_BLOCK] fp32 accumulators stay live across the D loops. At the workload (D 512, sm_90,
+    # 8 warps; tests/kernels/test_kernels_aot_sm90.py) K = 19 (K_PAD 32) takes 236 registers, no spills;
+    # K = 150 (K_PAD 256) spills ~1 KB per thread: correct, but the K = 150 case is not tuned yet.
     hw_block = max(16, min(64, 2048 // k_pad))
     d_block = 16
     n_blk = triton.cdiv(hw, hw_block)
-    kl = empty((b, n_blk), torch.float32, fs.device)
+    per = triton.cdiv(n_blk, _ga_splits(b, k, d, n_blk)) if write_ga else 1
+    n_split = triton.cdiv(n_blk, per)  # every program owns at least one pixel block
+    kl = empty((b, n_split), torch.float32, fs.device)
     gf = empty_like(feat_s) if write_gf else fs.new_empty(0)  # the student's memory format
     gf_strides = strided_bchw(gf)[1] if write_gf else fs_strides
-    ga = torch.zeros((b, k, d), dtype=torch.float32, device=fs.device) if write_ga else a_s.new_empty(0)
-    _prototype_kl_fwd_kernel[(n_blk, b)](
-        fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ga if write_ga else a_s, d, hw, k, 1.0 / float(tau),
-        1.0 / (b * hw), *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga, K_PAD=k_pad,
-        D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
+    ws = empty((b, n_split, k, d), torch.float32, fs.device) if write_ga else a_s.new_empty(0)
+    _prototype_kl_fwd_kernel[(n_split, b)](
+        fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ws if write_ga else a_s, d, hw, k, 1.0 / float(tau),
+        1.0 / (b * hw), per, *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga,
+        K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
+    ga = ws.sum(1) if write_ga else ws  # [B, K, D]: a fixed-order reduction, deterministic
     return kl.sum() / (b * hw), gf, ga
 
 

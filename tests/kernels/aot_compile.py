@@ -5,6 +5,9 @@ Each launcher runs on small CPU tensors with its kernels swapped for recorders; 
 `triton.compile`, which needs only the ptxas bundled with triton. This catches what the interpreter
 forgives (loop-carried type changes, tl.dot shape or dtype rules, unsupported ops) on a CPU-only CI.
 With --ptxas-info it also prints registers and spills per kernel, the first thing to look at when tuning.
+These are compiled without the JIT's argument specialisation (no divisibility by 16, no unit-stride
+constants) at small odd shapes, so they overstate registers and show scalar loads: bench/aot_report.py
+compiles the trainer's launches at the workload shapes as the JIT does.
 
     python tests/kernels/aot_compile.py [--arch 90] [--ptxas-info]
 

@@ -1,4 +1,6 @@
 """kernels/prototype.py: the fused op against its torch reference and against float64 numpy formulas."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,24 @@ def test_prototype_observation_kl_matches_formula():
                 pt, ps = obs(ft, a_t), obs(fs, a_s)
                 total += (pt * (np.log(pt) - np.log(ps))).sum()
     assert got.item() == pytest.approx(total / (b * h * w), rel=1e-4)
+
+
+# ---------------------------------------------------------------- two-stage dL/dA_hat reduction (issue 12)
+@pytest.mark.parametrize("programs", [1, 5])  # all 12 pixel blocks in one program; 4 programs of 3 blocks
+def test_prototype_gradient_summed_over_several_blocks_per_program(fused, monkeypatch, programs):
+    monkeypatch.setattr(importlib.import_module("kernels.prototype"), "GA_PROGRAMS", programs)
+    present = present_mask(1, 150)
+    compare(lambda fs, ft, ps, pt: prototype_kl(fs, ft, ps, pt, present, 0.1),
+            lambda fs, ft, ps, pt: prototype_kl_reference(fs, ft, ps, pt, present, 0.1),
+            [randn(1, 20, 12, 15), randn(1, 20, 12, 15), randn(1, 150, 20), randn(1, 150, 20)], grad_idx=(0, 2))
+
+
+def test_gradients_are_bitwise_reproducible(fused):
+    present = present_mask(2, 19)
+    inputs = [randn(2, 24, 9, 15), randn(2, 24, 9, 15), randn(2, 19, 24), randn(2, 19, 24)]
+    grads = []
+    for _ in range(2):
+        fs, ps = inputs[0].clone().requires_grad_(), inputs[2].clone().requires_grad_()
+        (prototype_kl(fs, inputs[1], ps, inputs[3], present, 0.1) * GO).backward()
+        grads.append((fs.grad, ps.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
