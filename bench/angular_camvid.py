@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from datafree_camvid import downscale_camvid  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.data.camvid import CLASS_NAMES  # noqa: E402
+from engine.data.synthetic import SyntheticSegmentation  # noqa: E402
 
 DEV_FRAMES = 67
 PIXEL, ELEMENT = ["--ad-kd-unit", "pixel"], ["--ad-kd-unit", "element"]
@@ -147,7 +148,7 @@ def report(args, runs, teacher, out_dir):
     if not base:
         print("no finished run of the student alone yet: no report")
         return
-    classes = CLASS_NAMES if camvid else [f"class {c}" for c in range(len(base[0]["val"]["iou"]))]
+    classes = CLASS_NAMES if camvid else SyntheticSegmentation.class_names
     base_val = statistics.mean(r["val"]["miou"] for r in base)
     base_iou = [statistics.mean(r["val"]["iou"][c] for r in base) for c in range(len(classes))]
     device = f"CPU ({platform.processor() or platform.machine()}, 1 thread per run, {args.lanes} runs at a time)"
@@ -192,8 +193,9 @@ def report(args, runs, teacher, out_dir):
         all_ce = "-" if name == "alone" else f"{statistics.mean(d for _, d in ratios):.2f}"
         if camvid:
             trees = mean_sd([r["val"]["iou"][CLASS_NAMES.index("Tree")] for r in rows])
-            lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | "
-                         f"{mean_sd([r['dev']['miou'] for r in rows])} | {mean_sd(val)} | {delta} | {trees} | {worst} |")
+            dev = mean_sd([r["dev"]["miou"] for r in rows])
+            lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | {dev} | {mean_sd(val)} | {delta} | "
+                         f"{trees} | {worst} |")
         else:
             lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | {mean_sd(val)} | {delta} | {worst} |")
     lines += ["", "Student alone, per seed (val): " + ", ".join(f"{100 * r['val']['miou']:.1f}" for r in base) + "."]
