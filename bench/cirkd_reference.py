@@ -193,7 +193,7 @@ class CriterionAPD(nn.Module):
         l_ob = self.criterion_ob(self.observe(f_s, a_s, present), self.observe(f_t.detach(), a_t.detach(), present))
         l_kd = self.criterion_kd(s_out.logits, t_out.logits)
         if self.kd_unit == "element":
-            l_kd, l_ob = l_kd / s_out.logits.shape[1], l_ob * present.shape[0] / present.sum()
+            l_kd, l_ob = l_kd / s_out.logits.shape[1], l_ob * present.shape[0] / present.sum().clamp_min(1)
         return l_kd, l_ob, l_rec, l_t
 
 

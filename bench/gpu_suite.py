@@ -6,9 +6,11 @@
     python bench/gpu_suite.py --dry-run --out /tmp/gs   # the same plan on the CPU at tiny shapes, in seconds
 
 Through the device tool, which copies the working tree (no install step: run from the repository root) and
-brings back what is written under $OUT:
+brings back what is written under $OUT, but at most 8 files (the suite writes about 12): write to a local
+folder, then bring back one archive of it and the summary (the suite ends within --budget + 80 s; `timeout`
+keeps the archive step inside the tool's 600 s even if it did not):
 
-    python3 bench/gpu_suite.py --out $OUT/gpu_suite
+    timeout 540 python3 bench/gpu_suite.py --out /tmp/gs; tar czf $OUT/gpu_suite.tgz -C /tmp gs; cp /tmp/gs/*.md $OUT/
 
 The parts run in this order, most important first, so that a run cut off at its time limit still holds them.
 Each runs in a worker process of its own (a kernel that faults leaves its process's CUDA context unusable; a

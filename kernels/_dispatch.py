@@ -148,8 +148,13 @@ def strided_bchw(x):
     return x, strides
 
 
-def empty_like(x):
-    """torch.empty_like(x) (a dense x keeps its strides: a channels-last input gets a channels-last gradient)
-    for a buffer a kernel fills completely; NaN-filled under POISON."""
+def empty_like(x, poison=True):
+    """A buffer shaped like the [B, C, H, W] tensor x that a kernel fills completely through its (batch,
+    channel, pixel) strides: x's own layout when those merge (NCHW, channels-last: a channels-last input gets
+    a channels-last gradient), else NCHW-contiguous (a dense but transposed map, whose H and W do not merge,
+    would keep its strides under torch.empty_like and be written with the wrong ones). NaN-filled under
+    POISON. The ops' fake registrations call it with poison=False, so that both allocate alike."""
     out = torch.empty_like(x)
-    return out.fill_(float("nan")) if POISON else out
+    if bchw_strides(out) is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out.fill_(float("nan")) if POISON and poison else out

@@ -321,7 +321,7 @@ def _angular_backward_op(student: torch.Tensor, teacher: torch.Tensor, mode: str
 
 @_angular_backward_op.register_fake
 def _(student, teacher, mode, stats, grad_loss):
-    return torch.empty_like(student)  # as angular_backward allocates it
+    return empty_like(student, poison=False)  # as angular_backward allocates it
 
 
 def _setup_context(ctx, inputs, output):

@@ -162,7 +162,7 @@ def _channel_kl_op(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
 
 @_channel_kl_op.register_fake
 def _(student, teacher, temperature, write_grad):
-    grad = torch.empty_like(student) if write_grad else student.new_empty(0)  # as channel_kl_forward allocates it
+    grad = empty_like(student, poison=False) if write_grad else student.new_empty(0)  # as the launcher
     return student.new_empty((), dtype=torch.float32), grad
 
 

@@ -177,7 +177,7 @@ def _pixel_kl_op(student: torch.Tensor, teacher: torch.Tensor, valid: Optional[t
 
 @_pixel_kl_op.register_fake
 def _(student, teacher, valid, temperature, write_grad):
-    grad = torch.empty_like(student) if write_grad else student.new_empty(0)  # as pixel_kl_forward allocates it
+    grad = empty_like(student, poison=False) if write_grad else student.new_empty(0)  # as the launcher
     return student.new_empty((), dtype=torch.float32), grad
 
 

@@ -226,7 +226,7 @@ def _prototype_kl_op(feat_s: torch.Tensor, feat_t: torch.Tensor, ahat_s: torch.T
 
 @_prototype_kl_op.register_fake
 def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
-    gf = torch.empty_like(feat_s) if write_gf else feat_s.new_empty(0)  # as prototype_kl_forward allocates it
+    gf = empty_like(feat_s, poison=False) if write_gf else feat_s.new_empty(0)  # as the launcher
     ga = ahat_s.new_empty(ahat_s.shape, dtype=torch.float32) if write_ga else ahat_s.new_empty(0, dtype=torch.float32)
     return feat_s.new_empty((), dtype=torch.float32), gf, ga
 

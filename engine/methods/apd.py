@@ -12,14 +12,16 @@ downsampled to feature resolution by nearest neighbour; kernels.masked_avg_pool)
     L_rec = 1 - mean over present (b, i) of cos(A_s^i, A_t^i)
     L_ob  = KL(p_a,t || p_a,s) summed over pixels and classes    (kernels.prototype_kl), divided by
               element: the number of (b, present class, pixel) entries, sum_b K_b * h*w   (default)
-              pixel:   the number of pixels B*h*w (K_b / mean K_b times stronger)
+              pixel:   the number of pixels B*h*w (mean_b K_b times stronger)
     L_kd  = per-pixel KD on logits at temperature T, unit --apd-kd-unit (engine.methods.base.logit_kd):
               element: divided by B*C*H*W (default); pixel: by B*H*W (C times stronger)
     student loss = CE + lambda_kd * (L_kd + L_ob) + lambda_rec * L_rec,  lambda_kd = lambda_rec = 10, tau = 0.1
 
 The unit of L_kd and L_ob follows the released code behind the paper's tables (dvlab-research/APD
 tool/train.py: kl_weight = pred_kmeans_weight = 10, both terms torch.nn.KLDivLoss() with its default element
-mean, L_ob's over the N prototypes of the batch). In the pixel unit the same weight of 10 makes L_kd C times
+mean). For L_ob it is segkd's per-image analogue: the code's prototypes are per class over the whole per-GPU
+batch, so its element mean divides by the N classes present in the batch (N >= each K_b); segkd's prototypes
+are per image (issue 14 tracks the code's batch-level prototypes as a convention). In the pixel unit the same weight of 10 makes L_kd C times
 stronger, which put apd below the student alone on CamVid (issue 19, bench/results/angular_camvid_cpu.md).
 
 No gradient of L_kd, L_rec or L_ob reaches P_t, A_t or p_a,t: the teacher side enters them detached.
@@ -84,7 +86,7 @@ class APD(Method):
         l_rec = 1 - (cos * present).sum() / present.sum().clamp_min(1)
         l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s, a_t.detach(), present, tau)
         if cfg.apd_kd_unit == "element":  # pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries
-            l_ob = l_ob / present.sum(1).float().mean().clamp_min(1)
+            l_ob = l_ob * present.shape[0] / present.sum().clamp_min(1)
         l_kd = logit_kd(s.logits, t.logits, cfg.temperature, cfg.apd_kd_unit)
         return {
             "kd": cfg.apd_kd_weight * l_kd,

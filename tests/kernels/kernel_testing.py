@@ -74,9 +74,10 @@ def _slack(dtype):
     return ulps * torch.finfo(dtype).eps
 
 
-def _check(name, ours, ref64, same):
-    """max|ours - ref64| <= 2 * max|same - ref64| + slack: at most twice the error that the torch reference
-    makes on the same (possibly 16-bit) inputs, plus the rounding allowance of `_slack`."""
+def _check(name, ours, ref64, same, atol=0.0):
+    """max|ours - ref64| <= 2 * max|same - ref64| + slack + atol: at most twice the error that the torch reference
+    makes on the same (possibly 16-bit) inputs, plus the rounding allowance of `_slack`, plus `atol` for inputs
+    whose own rounding bounds what any fp32 summation can reach (see compare)."""
     assert ours is not None, f"{name}: no gradient"
     assert ours.shape == ref64.shape and ours.dtype == same.dtype, \
         f"{name}: got {ours.dtype} {tuple(ours.shape)}, expected {same.dtype} {tuple(ref64.shape)}"
@@ -84,15 +85,19 @@ def _check(name, ours, ref64, same):
     err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
     err_torch = (same.double() - ref64).abs().max().item() if ours.numel() else 0.0
     scale = ref64.abs().max().item() if ours.numel() else 0.0
-    slack = _slack(ours.dtype) * scale + 1e-12
+    slack = _slack(ours.dtype) * scale + 1e-12 + atol
     assert err <= 2 * err_torch + slack, f"{name}: max error {err:.3g} > 2 * torch's {err_torch:.3g} + {slack:.3g}"
 
 
-def compare(fused, reference, inputs, grad_idx=(0,), go=GO, seed=0):
+def compare(fused, reference, inputs, grad_idx=(0,), go=GO, seed=0, atol=0.0):
     """Run `fused` (the public op, on the Triton path under the `fused` fixture) and `reference` (the plain
     torch function) on the same inputs; check every output and the gradients of `grad_idx` against the
     reference in float64. The first output is backpropagated with upstream gradient `go` (scalar outputs)
-    or a fixed random tensor (other outputs)."""
+    or a fixed random tensor (other outputs).
+
+    atol: an absolute allowance for ill-conditioned inputs, where torch's own fp32 error is itself a matter of
+    luck (it ranged 2.5e-6 to 1.5e-4 over 12 draws of the bn_stat test with |x| ~ 1000), so that twice it is
+    no bound."""
     def upstream(out):
         if out.dim() == 0:
             return torch.tensor(go, dtype=torch.float64, device=out.device)
@@ -104,9 +109,9 @@ def compare(fused, reference, inputs, grad_idx=(0,), go=GO, seed=0):
                                   for x in inputs], grad_idx, upstream)
     same, same_g = _run(reference, inputs, grad_idx, upstream)
     for i, (o, r, s) in enumerate(zip(ours, ref, same)):
-        _check(f"output {i}", o, r, s)
+        _check(f"output {i}", o, r, s, atol)
     for i, o, r, s in zip(grad_idx, ours_g, ref_g, same_g):
-        _check(f"grad of input {i}", o, r, s)
+        _check(f"grad of input {i}", o, r, s, atol)
     return ours, ours_g
 
 

@@ -127,6 +127,19 @@ def test_apd_observation_unit_divides_by_the_present_class_count():
                                                              rel=1e-5)
     assert terms["pixel"]["apd/rec"].item() == pytest.approx(terms["element"]["apd/rec"].item(), rel=1e-6)
 
+    # fewer present classes than images (two of three images all ignored, the third two classes): the element
+    # mean divides by sum_b K_b = 2 entries per pixel over B = 3 images, i.e. the pixel mean times 3/2 (a mean
+    # K_b of 2/3, not clamped to 1)
+    s3, t3 = outputs(S_CH, b=3), outputs(T_CH, b=3, seed=1)
+    b3 = {"label": torch.full((3, 24, 28), 255)}
+    b3["label"][2, :, :14], b3["label"][2, :, 14:] = 1, 2
+    ob = {}
+    for unit in ("element", "pixel"):
+        torch.manual_seed(0)
+        ob[unit] = build_method(MethodConfig(method="apd", apd_kd_unit=unit), S_CH, T_CH, K)(s3, t3, b3)["apd/ob"]
+    assert ob["pixel"].item() > 0
+    assert ob["element"].item() == pytest.approx(1.5 * ob["pixel"].item(), rel=1e-5)
+
 
 def test_md_and_fitnet_by_hand():
     ch = {"backbone": 2, "decoder": 2, "logits": K}
