@@ -186,7 +186,7 @@ def resume_path(spec, out):
 # --iters may change too (a run is extended or shortened; the poly schedule then runs to the new end).
 NOT_SHAPING = {
     "model": {"teacher_ckpt", "pretrained_backbone"},
-    "data": {"data_root", "workers", "loader", "skip_bad_samples", "val_size"},
+    "data": {"data_root", "workers", "loader", "skip_bad_samples", "val_size", "val_split"},
     "method": set(),
     "optim": {"iters"},
     "run": {"out", "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_ckpts", "teacher_iters",

@@ -44,6 +44,8 @@ class DataConfig:
     flip: bool = _f(True, "random horizontal flip")
     rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)", check=at_least(0))
     val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)", check=at_least(0))
+    val_split: str = _f("val", "the split the trainer evaluates on: val, or test where the dataset has one (CamVid's "
+                               "233 test images, as the DFAD paper reports)")
 
 
 @dataclass

@@ -60,7 +60,9 @@ def settings_key(cfg, arch, iters, world_size):
     d, o = cfg.data, cfg.optim
     root = str(Path(d.data_root).resolve()) if d.data_root else ""
     key = {"arch": arch, "iters": iters, "world": world_size, "seed": cfg.run.seed, "root": root,
-           "data": {k: v for k, v in dataclasses.asdict(d).items() if k not in ("data_root", "workers")},
+           # val_split only when it is not the default, so that keys (and caches) from before the flag stay valid
+           "data": {k: v for k, v in dataclasses.asdict(d).items() if k not in ("data_root", "workers")
+                    and not (k == "val_split" and v == "val")},
            "optim": {k: v for k, v in dataclasses.asdict(o).items() if k != "iters"},
            "pretrained": cfg.model.pretrained_backbone if arch == cfg.model.student else ""}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -237,8 +239,8 @@ def summary(cfg, result, baseline):
             rows.append(("student", f"{cfg.model.student} alone", cfg.model.student, None,
                          "not cached: run with --baseline (or --method none with these settings)"))
     w = max(len(r[1]) for r in rows)
-    lines = [f"\nsegkd summary: {cfg.data.dataset} val, mIoU (%); parameters and GFLOPs of one {crop[0]}x{crop[1]} "
-             "image"]
+    lines = [f"\nsegkd summary: {cfg.data.dataset} {cfg.data.val_split}, mIoU (%); parameters and GFLOPs of one "
+             f"{crop[0]}x{crop[1]} image"]
     for role, name, arch, miou, note in rows:
         shown = f"{100 * miou:5.1f}" if miou is not None else "    -"
         params, flops = cost[arch]

@@ -46,7 +46,11 @@ class Trainer:
         self.train_set = build_dataset(d.dataset, "train", root=d.data_root, train=True, crop=d.crop,
                                        scale=(d.scale_min, d.scale_max), flip=d.flip, rotate=d.rotate,
                                        seed=r.seed, skip_bad=d.skip_bad_samples)
-        self.val_set = build_dataset(d.dataset, "val", root=d.data_root, train=False, skip_bad=d.skip_bad_samples)
+        try:
+            self.val_set = build_dataset(d.dataset, d.val_split, root=d.data_root, train=False,
+                                         skip_bad=d.skip_bad_samples)
+        except ValueError as err:  # the dataset names its splits; say which flag chose this one
+            raise ValueError(f"--val-split {d.val_split!r}: {err}") from None
         val_items = (torch.utils.data.Subset(self.val_set, range(min(d.val_size, len(self.val_set))))
                      if d.val_size else self.val_set)
         k, ignore = self.train_set.num_classes, self.train_set.ignore_index
@@ -233,7 +237,8 @@ class Trainer:
             result["teacher_miou"] = self.evaluate(self.teacher.model)["miou"]
         if env.is_main:
             self.echo(format_iou(final, self.val_set.class_names,
-                                 f"{cfg.model.student} + {cfg.method.method} on {cfg.data.dataset} val:"))
+                                 f"{cfg.model.student} + {cfg.method.method} on {cfg.data.dataset} "
+                                 f"{cfg.data.val_split}:"))
             (self.out / "results.json").write_text(json.dumps(result, indent=2))
             self.pictures()
         dist.barrier()
@@ -266,7 +271,7 @@ class Trainer:
         record = {"kind": "eval", "iter": it, "miou": result["miou"], "acc": result["acc"],
                   "iou": dict(zip(self.val_set.class_names, result["iou"]))}
         self._log(path, record)
-        self.echo(f"iteration {it}: val mIoU {100 * result['miou']:.1f}")
+        self.echo(f"iteration {it}: {self.cfg.data.val_split} mIoU {100 * result['miou']:.1f}")
 
     def pictures(self):
         """curves.png and samples.png in the run directory (engine/plots.py)."""

@@ -260,3 +260,30 @@ def test_skip_bad_samples_through_the_cli(tmp_path, monkeypatch):
         run(tmp_path, *args, "--out", str(tmp_path / "strict"))
     result = run(tmp_path, *args, "--skip-bad-samples", "--out", str(tmp_path / "skip"))
     assert result["skipped_files"] == 1
+
+
+def test_val_split_chooses_what_the_trainer_evaluates(tmp_path, capsys):
+    """--val-split test evaluates CamVid's test split (as DFAD reports): the run's mIoU is that split's, the
+    closing lines name it; a split the dataset lacks is one line naming the flag."""
+    from fake_datasets import make_camvid
+
+    from engine.checkpoint import load_model
+    from engine.data import build_dataset, build_val_loader
+    from engine.evaluate import evaluate
+
+    root = make_camvid(tmp_path / "data", splits=(("train", 4), ("val", 2), ("test", 3)), seed=11)
+    args = ["--method", "none", "--dataset", "camvid", "--data-root", str(root), "--iters", "2", "--crop", "16",
+            "--loader", "torch", "--val-size", "0"]
+    result = run(tmp_path, *args, "--val-split", "test", "--out", str(tmp_path / "t"))
+    out = capsys.readouterr().out
+    assert "on camvid test:" in out and "segkd summary: camvid test" in out
+    model, _ = load_model(tmp_path / "t" / "last.pt")
+    split = {}
+    for name in ("test", "val"):
+        ds = build_dataset("camvid", name, root=str(root))
+        split[name] = evaluate(model, build_val_loader(ds, 2, workers=0), ds.num_classes, torch.device("cpu"),
+                               ignore_index=ds.ignore_index)["miou"]
+    assert result["miou"] == pytest.approx(split["test"], abs=1e-6)
+    assert split["test"] != pytest.approx(split["val"], abs=1e-6)  # the two splits do tell apart
+    with pytest.raises(ValueError, match=r"--val-split 'holdout': camvid has splits"):
+        run(tmp_path, *args, "--val-split", "holdout", "--out", str(tmp_path / "x"))
