@@ -19,6 +19,14 @@ def randn(*shape, dtype=torch.float32, scale=1.0, seed=None):
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
+def present_mask(b, k, seed=0):
+    """[b, k] bool on the test device: which classes an image holds (class 0 always, the others at random)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(b, k, generator=g) < 0.6
+    p[:, 0] = True
+    return p.to(DEVICE)
+
+
 # Memory layouts a fused op must read in place: the trainer makes every model output channels-last.
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 # (student, teacher) layouts of two-input ops: both, and mixed

@@ -1,9 +1,10 @@
-"""kernels/: what the ops share: the divergences are 0 when student == teacher; a transposed map's gradient."""
+"""kernels/: what the ops share: the divergences are 0 when student == teacher; maps whose H and W strides do not
+merge (a cropped view, a transposed map) get their gradients right."""
 import pytest
 import torch
 
 import kernels
-from kernel_testing import randn
+from kernel_testing import present_mask, randn
 from kernels._dispatch import bchw_strides
 from kernels.angular import angular_loss_reference
 from kernels.channel_kl import channel_kl_reference
@@ -19,29 +20,46 @@ def test_zero_when_student_equals_teacher():
         assert kernels.angular_loss(x, x.clone(), mode).abs().item() < 1e-6
 
 
-TRANSPOSED_OPS = {  # name -> (fused op, float64 reference)
-    "pixel_kl": (lambda s, t: kernels.pixel_kl(s, t, 2.0), lambda s, t: pixel_kl_reference(s, t, 2.0)),
-    "channel_kl": (kernels.channel_kl, channel_kl_reference),
-    **{f"angular_{m}": (lambda s, t, m=m: kernels.angular_loss(s, t, m),
-                        lambda s, t, m=m: angular_loss_reference(s, t, m)) for m in ("layer", "channel", "point")},
-}
+def student_teacher_ops():
+    """name -> (channels, fused op, float64 reference) of the ops that compare a student map with a teacher map;
+    prototype_kl's prototypes and class mask are drawn here, once, for both of its paths."""
+    ops = {"pixel_kl": (19, lambda s, t: kernels.pixel_kl(s, t, 2.0), lambda s, t: pixel_kl_reference(s, t, 2.0)),
+           "channel_kl": (19, lambda s, t: kernels.channel_kl(s, t, 2.0), lambda s, t: channel_kl_reference(s, t, 2.0))}
+    for m in ("layer", "channel", "point"):
+        ops[f"angular_{m}"] = (19, lambda s, t, m=m: kernels.angular_loss(s, t, m),
+                               lambda s, t, m=m: angular_loss_reference(s, t, m))
+    ps, pt, present = randn(2, 19, 24), randn(2, 19, 24), present_mask(2, 19)
+    ops["prototype_kl"] = (24, lambda s, t: kernels.prototype_kl(s, t, ps, pt, present, 0.1),
+                           lambda s, t: prototype_kl_reference(s, t, ps.double(), pt.double(), present, 0.1))
+    return ops
 
 
-@pytest.mark.parametrize("op", list(TRANSPOSED_OPS) + ["prototype_kl"])
+OPS = list(student_teacher_ops())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_cropped_view_is_copied_and_correct(op, fused):
+    """A crop along W: H and W strides do not merge, so the launcher copies it (once); the gradient of the
+    full tensor is exact, zero outside the crop."""
+    c, fused_op, reference = student_teacher_ops()[op]
+    s_full = randn(2, c, 5, 9).requires_grad_()
+    t = randn(2, c, 5, 9)[..., 1:8]
+    assert bchw_strides(s_full[..., :7]) is None
+    fused_op(s_full[..., :7], t).backward()
+    s_ref = s_full.detach().double().requires_grad_()
+    reference(s_ref[..., :7], t.double()).backward()
+    torch.testing.assert_close(s_full.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_a_transposed_map_gets_its_gradient_right(op, fused):
     """A dense [B, C, H, W] whose H and W strides do not merge (x.transpose(2, 3) of a [B, C, W, H] map): the
     gradient buffer cannot keep its strides, so it is NCHW, and the kernel must write it with NCHW strides."""
-    s = randn(2, 19, 7, 5).transpose(2, 3).requires_grad_()  # [2, 19, 5, 7], strides (665, 35, 1, 5)
-    t = randn(2, 19, 5, 7)
+    c, fused_op, reference = student_teacher_ops()[op]
+    s = randn(2, c, 7, 5).transpose(2, 3).requires_grad_()  # [2, c, 5, 7], strides (35c, 35, 1, 5)
+    t = randn(2, c, 5, 7)
     assert bchw_strides(s) is None
     s64 = s.detach().double().requires_grad_()
-    if op == "prototype_kl":
-        present = torch.ones(2, 3, dtype=torch.bool, device=s.device)
-        a_s, a_t = randn(2, 3, 19), randn(2, 3, 19)
-        kernels.prototype_kl(s, t, a_s, a_t, present, 0.5).backward()
-        prototype_kl_reference(s64, t.double(), a_s.double(), a_t.double(), present, 0.5).backward()
-    else:
-        fused_op, reference = TRANSPOSED_OPS[op]
-        fused_op(s, t).backward()
-        reference(s64, t.double()).backward()
+    fused_op(s, t).backward()
+    reference(s64, t.double()).backward()
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
