@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from datafree_camvid import downscale_camvid  # noqa: E402
+from datafree_camvid import downscale_camvid, write_generated  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.data.camvid import CLASS_NAMES  # noqa: E402
 from engine.data.synthetic import SyntheticSegmentation  # noqa: E402
@@ -199,17 +199,8 @@ def report(args, runs, teacher, out_dir):
         else:
             lines.append(f"| {name} | {what} | {seeds} | {kd_ce} | {all_ce} | {mean_sd(val)} | {delta} | {worst} |")
     lines += ["", "Student alone, per seed (val): " + ", ".join(f"{100 * r['val']['miou']:.1f}" for r in base) + "."]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "angular_camvid_cpu.md"
-    start, end = f"<!-- {args.dataset}:start -->", f"<!-- {args.dataset}:end -->"
-    table = f"{start}\n" + "\n".join(lines) + f"\n{end}"
-    text = path.read_text() if path.exists() else "# Angular distillation: controlled runs (issue 19)\n"
-    if start in text and end in text:  # keep the discussion written around the generated parts
-        text = text[:text.index(start)] + table + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    write_generated(out_dir / "angular_camvid_cpu.md", lines, f"<!-- {args.dataset}:start -->",
+                    f"<!-- {args.dataset}:end -->", title="# Angular distillation: controlled runs (issue 19)\n")
 
 
 def main():

@@ -221,14 +221,19 @@ def write_results(args, rows, timings, random_miou, ads, out_dir, data):
         "",
         f"Total wall time: {sum(timings.values()) / 60:.1f} min.",
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"datafree_camvid_{dev}.md"
-    table = f"{START}\n" + "\n".join(lines) + f"\n{END}"
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:  # keep the discussion written around the generated part
-        text = text[:text.index(START)] + table + text[text.index(END) + len(END):]
+    write_generated(out_dir / f"datafree_camvid_{dev}.md", lines)
+
+
+def write_generated(path, lines, start=START, end=END, title=""):
+    """Put `lines` between the markers `start` and `end` of the markdown file `path`, keeping the discussion
+    written around them; a file without those markers gets the block appended (after `title` if it is new)."""
+    block = f"{start}\n" + "\n".join(lines) + f"\n{end}"
+    text = path.read_text() if path.exists() else title
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text = table + "\n"
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote {path}")
 
