@@ -207,6 +207,8 @@ def build_criteria(method, mcfg, s_channels, t_channels, num_classes, ignore_ind
         raise ValueError(f"reference loop: unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if mcfg.position:
         raise ValueError("reference loop: --position is not supported (it distils at each method's default)")
+    if method == "apd" and mcfg.apd_convention != "paper":  # CriterionAPD is segkd's paper convention alone
+        raise ValueError(f"reference loop: --apd-convention {mcfg.apd_convention} is not supported (paper only)")
     crit = nn.ModuleDict()
     if method == "kd":
         crit["kd"] = CriterionKD(mcfg.temperature)

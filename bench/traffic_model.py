@@ -554,7 +554,7 @@ class CountingClock:
         """Student nodes (reachable from the student's outputs) -> "student backward"; a loss node -> the terms
         that reach it (the rows of the events its execution dispatches)."""
         c = self.counter
-        student = _graph([t.grad_fn for t in self.student_out])
+        student = _graph([t.grad_fn for t in self.student_out if t is not None])  # aux: None without a head
         student |= _leaf_nodes(student)
         owners = defaultdict(set)
         for term, value in self.terms.items():

@@ -186,10 +186,11 @@ def resume_path(spec, out):
 # --iters may change too (a run is extended or shortened; the poly schedule then runs to the new end).
 NOT_SHAPING = {
     "model": {"teacher_ckpt", "pretrained_backbone"},
-    "data": {"data_root", "workers", "loader", "skip_bad_samples", "val_size", "val_split"},
+    "data": {"data_root", "workers", "loader", "skip_bad_samples", "val_size", "val_split", "val_resize",
+             "val_resize_side"},
     "method": set(),
     "optim": {"iters"},
-    "run": {"out", "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_ckpts", "teacher_iters",
+    "run": {"recipe", "dry_run", "out", "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_ckpts", "teacher_iters",
             "baseline", "channels_last", "compile", "optim_impl", "teacher_cuda_graph", "profile", "profile_warmup",
             "sliding", "device", "cache_dir"},
 }
@@ -280,7 +281,7 @@ def describe_names(names, most=5):
 def load_model(path):
     """(the student of a segkd checkpoint in eval mode, the checkpoint) for evaluate.py, export.py and compare.py:
     one clear error for a file that is not a checkpoint, holds non-finite weights or does not fit its arch."""
-    from engine.models import build_model
+    from engine.models import build_model, without_aux
 
     ckpt = load_checkpoint(path)
     bad = nonfinite_tensors(ckpt["model"])
@@ -289,7 +290,7 @@ def load_model(path):
                          "take an earlier checkpoint")
     model = build_model(ckpt["arch"], ckpt["num_classes"])
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(without_aux(ckpt["model"]))  # the auxiliary head (--aux-weight) is training-only
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not fit its architecture {ckpt['arch']!r}: {e}") from e
     return model.eval(), ckpt

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +21,20 @@ class ModelConfig:
     teacher: str = _f("pspnet_small", "teacher architecture (see README: model names)")
     student: str = _f("pspnet_tiny", "student architecture")
     teacher_ckpt: str = _f("", "trained teacher checkpoint; empty: train one first (cached by settings) and use it")
-    pretrained_backbone: str = _f("", "torchvision ImageNet state dict loaded into the backbone of the model being trained")
+    pretrained_backbone: str = _f("", "ImageNet state dict loaded into the backbone of the model being trained "
+                                      "(torchvision's; the deep-stem resnet*-imagenet.pth / resnet*_v2.pth of CIRKD, "
+                                      "APD and semseg for the *d models)")
     sync_bn: bool = _f(False, "convert the student's BatchNorm layers to SyncBatchNorm under DDP")
+    aux_weight: float = _f(0.0, "weight of the cross-entropy of an auxiliary FCN head (3x3 conv-BN-ReLU-dropout 0.1-"
+                                "1x1 conv) on the student's layer3 (MobileNetV2: features.13), trained with the "
+                                "student and not used at evaluation or export; 0: no auxiliary head (semseg's and "
+                                "APD's code: 0.4)", check=at_least(0))
 
 
 @dataclass
 class DataConfig:
     dataset: str = _f("synthetic", "dataset name: synthetic (built in, no download), camvid, cityscapes, ade20k, "
-                                   "voc, pascal_context (60 classes) or pascal_context59")
+                                   "voc, pascal_context (60 classes), pascal_context59 or nyuv2 (13 classes)")
     data_root: str = _f("", "dataset folder (not needed for synthetic)")
     crop: tuple = _f((64, 64), "training crop HEIGHT,WIDTH (or one number for a square)", parse=parse_size,
                      check=size_at_least(8))
@@ -45,7 +52,14 @@ class DataConfig:
     rotate: float = _f(0.0, "largest random rotation in degrees (0: off; 10 is the usual setting)", check=at_least(0))
     val_size: int = _f(0, "evaluate on the first N validation images only (0: the whole split)", check=at_least(0))
     val_split: str = _f("val", "the split the trainer evaluates on: val, or test where the dataset has one (CamVid's "
-                               "233 test images, as the DFAD paper reports)")
+                               "233 test images, as the DFAD paper reports; NYUv2's val is its 654-image test split)")
+    val_resize: int = _f(0, "evaluate on images resized so that the side --val-resize-side is N (bilinear; read by "
+                            "the torch DataLoader whatever --loader); 0: as they are", check=at_least(0))
+    val_resize_side: str = _f("short", "--val-resize: short (image and label, nearest, resized to a shorter side of "
+                                       "N: DFAD's ExtResize(256)) or long (the image alone to a longer side of N, "
+                                       "the logits scored at the label's own size, one image a batch: semseg's and APD's "
+                                       "base_size)",
+                              check=one_of("short", "long"))
 
 
 @dataclass
@@ -56,10 +70,26 @@ class OptimConfig:
     momentum: float = _f(0.9, "SGD momentum", check=at_least(0))
     weight_decay: float = _f(1e-4, "SGD weight decay", check=at_least(0))
     poly_power: float = _f(0.9, "exponent of the poly learning-rate schedule", check=at_least(0))
+    schedule: str = _f("poly", "learning-rate schedule, per iteration: poly (1 - it / iters)^power, or step (times "
+                               "--step-gamma at the start of each of --step-parts equal parts of the run but the "
+                               "first, for the student and a data-free method's generator: DFAD's --scheduler)",
+                       check=one_of("poly", "step"))
+    step_parts: int = _f(3, "--schedule step: equal parts of the run (DFAD: 300 epochs, StepLR step 100: 3)",
+                         check=at_least(1))
+    step_gamma: float = _f(0.1, "--schedule step: learning-rate factor at each step (DFAD: 0.1 on CamVid, 0.3 on "
+                                "NYUv2)", check=positive)
+    head_lr_mult: float = _f(1.0, "learning-rate multiplier of everything the student's SGD trains outside its "
+                                  "backbone (decoder head, classifier, auxiliary head, the method's connectors); "
+                                  "semseg's and APD's code: 10", check=positive)
 
 
 @dataclass
 class RunConfig:
+    recipe: str = _f("", "a published setting (engine/recipes.py; README: Recipes): sets models, data, optimisation, "
+                         "loss weights and evaluation as the authors' code did, the batch split over the processes; "
+                         "explicit flags override it; 'list' prints the names")
+    dry_run: bool = _f(False, "print the resolved settings (after --recipe and every flag) and what the run still "
+                              "needs, then exit without building anything")
     out: str = _f("", "run directory (empty: runs/<dataset>-<student>-<method>)")
     resume: str = _f("auto", "checkpoint to continue from: a file, 'auto' (the run directory's last checkpoint if any) or 'none'")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
@@ -203,8 +233,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_config(argv=None, description=None):
+    """Flags -> a validated Config. With --recipe NAME the recipe's settings become the defaults and the flags are
+    read again, so that every flag given explicitly overrides the recipe ('list' is kept for the caller)."""
     parser = add_flags(ArgumentParser(description=description))
-    return validate(config_from_args(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    name = getattr(args, "run.recipe")
+    if name and name != "list":
+        from engine.recipes import get_recipe, resolved_settings
+
+        sections = {f.name: section for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)}
+        recipe = get_recipe(name)
+        batch_flag = "--gen-batch" if recipe.settings.get("method") == "dfad" else "--batch-size"
+        given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+        settings = resolved_settings(recipe, batch_given=batch_flag in given)
+        unknown = sorted(set(settings) - set(sections))
+        if unknown:  # a recipe naming a setting that does not exist is segkd's bug, not the user's
+            raise RuntimeError(f"recipe {name} sets unknown settings: {', '.join(unknown)}")
+        parser.set_defaults(**{f"{sections[k]}.{k}": v for k, v in settings.items()})
+        args = parser.parse_args(argv)
+    return validate(config_from_args(args))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def evaluate(model, loader, num_classes, device, *, ignore_index=255, sliding=Fa
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = sliding_logits(model, images, window) if sliding else whole_logits(model, images)
+        if logits.shape[-2:] != labels.shape[-2:]:  # --val-resize-side long: scored at the label's own size
+            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         cm.update(logits.argmax(1), labels)
     model.train(was_training)
     return cm.reduce().compute()

@@ -55,16 +55,27 @@ def hold_directory(out, env, what="run directory", echo=print):
             lock.release()
 
 
+# Settings added after caches existed: they enter the key only away from their default, so that the keys (and the
+# cached teachers and baselines) from before each flag stay valid.
+LATER = {"val_split": "val", "val_resize": 0, "val_resize_side": "short", "schedule": "poly", "step_parts": 3,
+         "step_gamma": 0.1, "head_lr_mult": 1.0}
+
+
+def later_default(name, value):
+    return name in LATER and value == LATER[name]
+
+
 def settings_key(cfg, arch, iters, world_size):
     """Hash of everything that determines what training `arch` alone for `iters` iterations produces."""
     d, o = cfg.data, cfg.optim
     root = str(Path(d.data_root).resolve()) if d.data_root else ""
     key = {"arch": arch, "iters": iters, "world": world_size, "seed": cfg.run.seed, "root": root,
-           # val_split only when it is not the default, so that keys (and caches) from before the flag stay valid
            "data": {k: v for k, v in dataclasses.asdict(d).items() if k not in ("data_root", "workers")
-                    and not (k == "val_split" and v == "val")},
-           "optim": {k: v for k, v in dataclasses.asdict(o).items() if k != "iters"},
+                    and not later_default(k, v)},
+           "optim": {k: v for k, v in dataclasses.asdict(o).items() if k != "iters" and not later_default(k, v)},
            "pretrained": cfg.model.pretrained_backbone if arch == cfg.model.student else ""}
+    if cfg.model.aux_weight:
+        key["aux_weight"] = cfg.model.aux_weight
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -238,12 +249,20 @@ def summary(cfg, result, baseline):
         else:
             rows.append(("student", f"{cfg.model.student} alone", cfg.model.student, None,
                          "not cached: run with --baseline (or --method none with these settings)"))
+    if cfg.run.recipe:  # the source's figures beside ours (engine/recipes.py)
+        from engine.recipes import get_recipe, paper_rows
+
+        recipe = get_recipe(cfg.run.recipe)
+        archs = {"teacher": cfg.model.teacher, "none": cfg.model.student}
+        for label, figure in paper_rows(recipe, cfg.method.method):
+            arch = archs["teacher"] if label.startswith("teacher") else archs["none"]
+            rows.append(("paper", label, arch, figure / 100, recipe.paper_source))
     w = max(len(r[1]) for r in rows)
     lines = [f"\nsegkd summary: {cfg.data.dataset} {cfg.data.val_split}, mIoU (%); parameters and GFLOPs of one "
              f"{crop[0]}x{crop[1]} image"]
     for role, name, arch, miou, note in rows:
         shown = f"{100 * miou:5.1f}" if miou is not None else "    -"
-        params, flops = cost[arch]
+        params, flops = cost[arch] if arch in cost else cost.setdefault(arch, model_cost(arch, k, crop))
         lines.append(f"  {role:<8} {name:<{w}}  {shown}  {params / 1e6:7.2f} M {flops / 1e9:8.3f} GFLOPs   {note}")
     if "teacher_miou" in result:
         (tp, tf), (sp, sf) = cost[result["teacher"]], cost[cfg.model.student]

@@ -3,7 +3,7 @@
     step = TrainStep.build(distiller, teacher, device, optim=cfg.optim, ...)
     terms = step(batch, iteration)              # {term: detached scalar on the device}; no host sync
 
-A step is: the poly learning rate of `iteration`; the frozen teacher's forward (engine/teacher.py); the
+A step is: the learning rate of `iteration` (--schedule: poly or step); the frozen teacher's forward (engine/teacher.py); the
 student's forward and the method's loss terms (Distiller, the module DDP wraps); one backward of their sum;
 every optimizer (the student's SGD with the method's connectors, then the method's own); then the training
 source's own update, if the method brings one (dfad's generator step). The step never reads the clock
@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.compile import compile_backend
 from engine.methods import segmentation_ce
-from engine.optim import build_sgd, poly_factor
+from engine.optim import build_sgd, lr_factor, student_groups
 from engine.precision import autocast, grad_scaler, precision_name
 from engine.profile import NULL_CLOCK
 from engine.teacher import TeacherForward
@@ -27,20 +27,24 @@ DDP_ARGS = inspect.signature(DDP.__init__).parameters
 class Distiller(nn.Module):
     """Student + method parts: the trainable whole that DDP wraps, so one gradient all-reduce covers both."""
 
-    def __init__(self, student, method, ignore_index=255):
+    def __init__(self, student, method, ignore_index=255, aux_weight=0.0):
         super().__init__()
         self.student = student
         self.method = method
         self.ignore_index = ignore_index
+        self.aux_weight = aux_weight        # --aux-weight: of the auxiliary head's cross-entropy
 
     def forward(self, images, teacher_out, batch, clock=NULL_CLOCK):
-        """-> (student SegOutput, {term name: weighted scalar}); 'ce' when the batch carries labels."""
+        """-> (student SegOutput, {term name: weighted scalar}); 'ce' when the batch carries labels, and 'aux'
+        (aux_weight x the auxiliary head's cross-entropy) when the student has an auxiliary head too."""
         clock.begin("student forward")
         s = self.student(images)
         clock.begin("loss")
         terms = {}
         if batch.get("label") is not None:
             terms["ce"] = segmentation_ce(s.logits, batch["label"], self.ignore_index)
+            if s.aux is not None:
+                terms["aux"] = self.aux_weight * segmentation_ce(s.aux, batch["label"], self.ignore_index)
         terms.update(self.method(s, teacher_out, batch))
         return s, terms
 
@@ -75,8 +79,8 @@ class TrainStep:
     source's logged values; `loss_names` lists the ones whose sum was the loss (the rest are only logged).
     """
 
-    def __init__(self, model, distiller, teacher, optimizer, method_optimizers, scaler, dtype, device, iters,
-                 poly_power, source=None, optim_impl="", description=""):
+    def __init__(self, model, distiller, teacher, optimizer, method_optimizers, scaler, dtype, device, optim,
+                 source=None, optim_impl="", description=""):
         self.model = model                  # the distiller, or its DDP wrapper: what the forward runs through
         self.distiller = distiller          # the bare Distiller: student + method
         self.teacher = teacher              # TeacherForward, or None for methods without a teacher
@@ -84,11 +88,13 @@ class TrainStep:
         self.method_optimizers = method_optimizers
         self.scaler = scaler                # GradScaler with fp16, else None
         self.dtype, self.device = dtype, device
-        self.iters, self.poly_power = iters, poly_power
+        self.optim = optim                  # OptimConfig: iterations and the schedule
+        self.iters = optim.iters
         self.source = source                # the method's TrainSource, or None
         self.optim_impl = optim_impl        # the resolved --optim-impl
         self.description = description      # describe(...) of this step
         self.loss_names = ()
+        self.scheduled = [optimizer]        # the optimizers whose lr follows --schedule (build adds the source's)
 
     @property
     def student(self):
@@ -110,20 +116,27 @@ class TrainStep:
         if compile:
             distiller.student.compile(backend=compile_backend())  # in place: state_dict keys are unchanged
         model = wrap_ddp(distiller, device, local_rank) if distributed else distiller
-        groups = [{"params": list(distiller.student.parameters())}] + distiller.method.param_groups()
         hyper = {"lr": optim.lr, "momentum": optim.momentum, "weight_decay": optim.weight_decay}
         hyper.update(source.student_optim if source is not None else {})
+        groups = student_groups(distiller.student, distiller.method.param_groups(), optim.head_lr_mult)
+        for g in groups:
+            g["lr"] = hyper["lr"] * g["lr_mult"]
         optimizer, impl = build_sgd(groups, hyper, optim_impl, device)
-        for g in optimizer.param_groups:
-            g["initial_lr"] = g["lr"]
+        scheduled = [optimizer, *(source.scheduled if source is not None and optim.schedule == "step" else ())]
+        for opt in scheduled:
+            for g in opt.param_groups:
+                g["initial_lr"] = g["lr"]
         text = describe(dtype, channels_last, impl, compile, teacher_cuda_graph, distributed)
-        return cls(model, distiller, teacher_forward, optimizer, distiller.method.optimizers(),
-                   grad_scaler(dtype, device), dtype, device, optim.iters, optim.poly_power, source, impl, text)
+        step = cls(model, distiller, teacher_forward, optimizer, distiller.method.optimizers(),
+                   grad_scaler(dtype, device), dtype, device, optim, source, impl, text)
+        step.scheduled = scheduled
+        return step
 
     def __call__(self, batch, iteration, clock=NULL_CLOCK):
-        factor = poly_factor(iteration, self.iters, self.poly_power)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
+        factor = lr_factor(self.optim, iteration, self.iters)
+        for opt in self.scheduled:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
         self.method.start_iteration(iteration, self.iters)
         images = batch["image"]
         teacher_out = None

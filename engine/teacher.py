@@ -12,7 +12,7 @@ import torch.nn as nn
 from engine.checkpoint import FORMAT, describe_names, nonfinite_tensors
 from engine.compile import compile_backend
 from engine.errors import first_line
-from engine.models import SegOutput, build_model
+from engine.models import SegOutput, build_model, without_aux
 from engine.precision import autocast
 
 
@@ -60,7 +60,7 @@ def load_teacher(path, arch, num_classes, dataset_name=""):
                          "checkpoint taken before training diverged")
     model = build_model(arch, num_classes)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(without_aux(state))  # a teacher trained with --aux-weight runs without its head
     except RuntimeError as e:
         raise ValueError(f"--teacher-ckpt {path} does not fit architecture {arch!r} (--teacher): {e}") from e
     return model, arch
@@ -91,7 +91,7 @@ class TeacherForward:
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture
         with torch.inference_mode(), autocast(self.device, self.dtype, cache_enabled=False):
             out = self.graph(images) if self.graph is not None else self.run(images)
-        return SegOutput(*(t.clone() for t in out))
+        return SegOutput(*(t.clone() for t in out[:3]))  # eval mode: no auxiliary logits
 
 
 class CudaGraphed:

@@ -7,6 +7,7 @@ With no --teacher-ckpt, a distillation method first trains the --teacher on the 
 one an earlier run with the same settings cached), then distils. The run ends with a table: teacher mIoU,
 student-with-method mIoU and, where one is cached, the student-alone mIoU.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -18,13 +19,21 @@ from engine.dist import barrier, cleanup, init_distributed  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
 from engine.methods import method_needs_teacher, parse_method  # noqa: E402
 from engine.profile import profile_run  # noqa: E402
+from engine.recipes import RECIPES, dry_run_text  # noqa: E402
 from engine.runs import cached_baseline, ensure_teacher, hold_directory, random_teacher, summary  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 
 def main(argv=None):
     cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
+    if cfg.run.recipe == "list":
+        print("\n".join(RECIPES))
+        return None
     names = parse_method(cfg.method.method)
+    if cfg.run.dry_run:  # nothing is built, read or written
+        if os.environ.get("RANK", "0") == "0":
+            print(dry_run_text(cfg))
+        return None
     if not cfg.run.out:
         cfg.run.out = str(Path("runs") / f"{cfg.data.dataset}-{cfg.model.student}-{'+'.join(names)}")
     if Path(cfg.run.out).exists() and not Path(cfg.run.out).is_dir():

@@ -22,7 +22,7 @@ from engine.data import build_dataset, build_train_loader, build_val_loader
 from engine.evaluate import evaluate, format_iou
 from engine.memory_format import resolve_channels_last
 from engine.meter import TermMeter
-from engine.methods import SourceContext, build_method, method_needs_teacher, parse_method
+from engine.methods import SourceContext, build_method, method_brings_inputs, method_needs_teacher, parse_method
 from engine.models import build_model, load_pretrained_backbone
 from engine.precision import resolve_precision
 from engine.prefetch import DevicePrefetcher
@@ -51,13 +51,14 @@ class Trainer:
                                          skip_bad=d.skip_bad_samples)
         except ValueError as err:  # the dataset names its splits; say which flag chose this one
             raise ValueError(f"--val-split {d.val_split!r}: {err}") from None
+        self.val_set.eval_resize, self.val_set.eval_resize_side = d.val_resize, d.val_resize_side
         val_items = (torch.utils.data.Subset(self.val_set, range(min(d.val_size, len(self.val_set))))
                      if d.val_size else self.val_set)
         k, ignore = self.train_set.num_classes, self.train_set.ignore_index
         self.num_classes, self.ignore_index = k, ignore
 
         parse_method(cfg.method.method)  # unknown names fail before any model is built
-        student = build_model(cfg.model.student, k)
+        student = build_model(cfg.model.student, k, aux=cfg.model.aux_weight > 0)
         if cfg.model.pretrained_backbone:
             load_pretrained_backbone(student, cfg.model.pretrained_backbone)
         self.teacher, self.teacher_arch = None, None
@@ -69,7 +70,7 @@ class Trainer:
         method = build_method(cfg.method, student.channels,
                               self.teacher.channels if self.teacher else student.channels, k, ignore)
 
-        distiller = Distiller(student, method, ignore)
+        distiller = Distiller(student, method, ignore, cfg.model.aux_weight)
         if cfg.model.sync_bn and env.distributed and dev.type != "cuda":
             raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation "
                              "(drop the flag for gloo runs on CPU)")
@@ -80,6 +81,9 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         self.student = self.distiller.student
         # built before the step's teacher forward: a source may score images with the bare teacher
+        if method_brings_inputs(cfg.method.method) and cfg.model.aux_weight:
+            raise ValueError(f"--aux-weight {cfg.model.aux_weight}: --method {cfg.method.method} trains without "
+                             "labels, so the auxiliary head would have nothing to learn from (give --aux-weight 0)")
         self.source = method.train_source(SourceContext(cfg, env, self.teacher, self.student, self.out, self.echo,
                                                         self.dtype, cache_dir(cfg)))
         self.step = TrainStep.build(self.distiller, self.teacher, dev, optim=cfg.optim, dtype=self.dtype,
@@ -88,8 +92,11 @@ class Trainer:
                                     local_rank=env.local_rank, source=self.source)
         self.echo(self.step.description)
 
-        self.val_loader = build_val_loader(val_items, d.batch_size, workers=d.workers, rank=env.rank,
-                                           world_size=env.world_size, loader=d.loader, device=env.device)
+        # long-side resizing scores each image at its label's size: one image a batch, none padded beside another
+        val_batch = 1 if d.val_resize and d.val_resize_side == "long" else d.batch_size
+        self.val_loader = build_val_loader(val_items, val_batch, workers=d.workers, rank=env.rank,
+                                           world_size=env.world_size, device=env.device,
+                                           loader="torch" if d.val_resize else d.loader)  # DALI's graph: no resize
         self.start_iter, self.rng_to_restore = 0, None
         self._resume()
         torch.manual_seed(r.seed + 1000 + env.rank)  # dropout differs per rank, reproducibly

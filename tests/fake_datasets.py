@@ -159,3 +159,23 @@ def make_pascal_context(root, train=3, val=2, size=(18, 22), seed=4):
             variables = {"a": np.zeros((1, 1)), "LabelMap": label} if len(ids) % 2 else {"LabelMap": label}
             write_mat(source / f"{s}.mat", variables, compress=len(ids) % 3 != 0)
     return voc, source, ids, lists
+
+
+def make_nyuv2(root, train=(3, 4, 6), test=(1, 2, 9), size=(24, 32), seed=5):
+    """The DFAD layout of NYUv2: nyuv2-meta-data/splits.mat (trainNdxs, testNdxs: 1-based uint16 columns),
+    480_640/IMAGE/<n - 1>.png and nyuv2-meta-data/<split>_labels_13/new_nyu_class13_<nnnn>.png (0 = void, 1..13;
+    one label in each split also holds 255). Returns (root, {n: raw label})."""
+    rng = np.random.default_rng(seed)
+    root = Path(root) / "NYUv2"
+    meta = root / "nyuv2-meta-data"
+    meta.mkdir(parents=True)
+    write_mat(meta / "splits.mat", {"trainNdxs": np.reshape(train, (-1, 1)), "testNdxs": np.reshape(test, (-1, 1))})
+    raw = {}
+    for split, idx in (("train", train), ("test", test)):
+        for j, n in enumerate(idx):
+            save(smooth_image(rng, *size), root / "480_640" / "IMAGE" / f"{n - 1}.png")
+            label = blocky_label(rng, *size, list(range(14)) + ([255] if j == 0 else [])).astype(np.uint8)
+            label[0, 0], label[0, -1] = 0, 13  # every label has void and the last class
+            raw[n] = label
+            save(label, meta / f"{split}_labels_13" / f"new_nyu_class13_{n:04d}.png")
+    return root, raw

@@ -15,6 +15,14 @@ def test_cli_reference_matches_the_flags():
     assert section == markdown_reference(), "README CLI reference is stale: regenerate with python engine/config.py"
 
 
+def test_recipe_table_matches_the_recipes():
+    from engine.recipes import markdown_table
+
+    a, b = "<!-- recipes:start -->\n", "\n<!-- recipes:end -->"
+    section = README[README.index(a) + len(a):README.index(b)]
+    assert section == markdown_table(), "README recipe table is stale: regenerate with engine.recipes.markdown_table()"
+
+
 def test_every_method_and_model_is_documented():
     for name in METHODS:
         assert f"| `{name}` |" in README, f"method {name} missing from the README's table"

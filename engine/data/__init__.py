@@ -10,12 +10,13 @@ from engine.data.camvid import CamVid
 from engine.data.cityscapes import Cityscapes
 from engine.data.files import BadSampleError, FileSegmentation, SkipLog
 from engine.data.loader import LOADERS, build_train_loader, build_val_loader, resolve_loader
+from engine.data.nyuv2 import NYUv2
 from engine.data.pascal_context import PascalContext, PascalContext59
 from engine.data.synthetic import SyntheticSegmentation
 from engine.data.voc import PascalVOC
 
 DATASETS = {"synthetic": SyntheticSegmentation, "camvid": CamVid, "cityscapes": Cityscapes, "ade20k": ADE20K,
-            "voc": PascalVOC, "pascal_context": PascalContext, "pascal_context59": PascalContext59}
+            "voc": PascalVOC, "pascal_context": PascalContext, "pascal_context59": PascalContext59, "nyuv2": NYUv2}
 
 
 def build_dataset(name, split, *, root="", train=False, crop=(64, 64), scale=(0.5, 2.0), flip=True, rotate=0.0,
@@ -36,4 +37,4 @@ def build_dataset(name, split, *, root="", train=False, crop=(64, 64), scale=(0.
 
 __all__ = ["DATASETS", "LOADERS", "build_dataset", "build_train_loader", "build_val_loader", "resolve_loader",
            "SegmentationDataset", "FileSegmentation", "BadSampleError", "SkipLog", "SyntheticSegmentation",
-           "CamVid", "Cityscapes", "ADE20K", "PascalVOC", "PascalContext", "PascalContext59"]
+           "CamVid", "Cityscapes", "ADE20K", "PascalVOC", "PascalContext", "PascalContext59", "NYUv2"]

@@ -9,10 +9,7 @@ k the class k - 1 (the `reduce_zero_label` convention of the benchmark's evaluat
 """
 from pathlib import Path
 
-import numpy as np
-
-from engine.data.files import FileSegmentation
-from engine.data.transforms import IGNORE_INDEX
+from engine.data.files import FileSegmentation, void_first_labels
 from engine.data.voc import colormap
 
 CLASS_NAMES = (
@@ -34,25 +31,12 @@ CLASS_NAMES = (
 FOLDERS = {"train": "training", "val": "validation"}
 
 
-def _label_lut():
-    lut = np.full(256, IGNORE_INDEX, np.uint8)
-    lut[1:len(CLASS_NAMES) + 1] = np.arange(len(CLASS_NAMES))
-    return lut
-
-
-def _valid():
-    ok = np.zeros(256, bool)
-    ok[:len(CLASS_NAMES) + 1] = True
-    return ok
-
-
 class ADE20K(FileSegmentation):
     """ADE20K SceneParsing; see the module docstring."""
     name = "ade20k"
     class_names = CLASS_NAMES
     palette = colormap(len(CLASS_NAMES) + 1)[1:]  # the PASCAL colour map without its black
-    label_lut = _label_lut()
-    valid_labels = _valid()
+    label_lut, valid_labels = void_first_labels(len(CLASS_NAMES))
     valid_text = f"0 (other, ignored), 1..{len(CLASS_NAMES)}"
 
     def __init__(self, split, *, root="", train=False, crop=(64, 64), scale=(0.5, 2.0), flip=True, rotate=0.0,

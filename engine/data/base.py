@@ -31,6 +31,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ignore_index = IGNORE_INDEX
     mean = IMAGENET_MEAN  # normalisation, also what a picture is un-normalised with
     std = IMAGENET_STD
+    eval_resize = 0       # eval mode: --val-resize N (0: off) of the side eval_resize_side (transforms.resize_for_eval)
+    eval_resize_side = "short"
 
     def __init__(self, split, *, train=False, crop=(64, 64), scale=(0.5, 2.0), flip=True, rotate=0.0, seed=0):
         self.split = split
@@ -77,6 +79,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image, label = transforms.augment(rgb, label, self.params(key, rgb.shape[:2]), self.crop,
                                               self.mean, self.std)
         else:
+            if self.eval_resize:
+                rgb, label = transforms.resize_for_eval(rgb, label, self.eval_resize, self.eval_resize_side)
             image, label = transforms.eval_transform(rgb, label, self.mean, self.std)
         return {"image": torch.from_numpy(image),                      # float32 [3, H, W]
                 "label": torch.from_numpy(label.astype(np.int64)),     # int64 [H, W], 255 = ignore

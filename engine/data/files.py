@@ -84,6 +84,17 @@ class SkipLog:
         return len(self.files())
 
 
+def void_first_labels(num_classes, ignore_too=False):
+    """(label_lut, valid_labels) of an encoding whose 0 is void and 1..num_classes the classes (ADE20K, NYUv2's 13):
+    0 -> IGNORE_INDEX, k -> k - 1; valid: 0..num_classes, and IGNORE_INDEX itself when `ignore_too`."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    lut[1:num_classes + 1] = np.arange(num_classes)
+    valid = np.zeros(256, bool)
+    valid[:num_classes + 1] = True
+    valid[IGNORE_INDEX] |= ignore_too
+    return lut, valid
+
+
 def _complete(fmt, data):
     """Whether encoded bytes end the way a whole file of that format does (trailing NUL padding allowed)."""
     tail = bytes(data[-4096:]).rstrip(b"\x00")

@@ -89,6 +89,35 @@ def resize_label(label, hw):
     return label[nearest_indices(H, h)][:, nearest_indices(W, w)]  # two 1-D gathers: faster than a 2-D index
 
 
+def short_side_size(hw, short):
+    """(H, W) -> the size whose shorter side is `short`, the longer scaled alike and truncated (torchvision's
+    Resize(int), which DFAD's ExtResize(256) is)."""
+    h, w = hw
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def long_side_size(hw, long):
+    """(H, W) -> the size whose longer side is `long`, the shorter scaled alike and rounded (semseg's test.py:
+    new_h = round(long / W * H) for a landscape image)."""
+    h, w = hw
+    if h >= w:
+        return long, max(1, round(long * w / h))
+    return max(1, round(long * h / w)), long
+
+
+def resize_for_eval(rgb, label, size, side="short"):
+    """--val-resize: uint8 [H, W, 3] + [H, W] resized for evaluation.
+    short: both to a shorter side of `size` (image bilinear, label nearest), as DFAD's ExtResize(256);
+    long:  the image alone to a longer side of `size`, the label kept (scored at its own size), as semseg's and
+           APD's test with base_size."""
+    if side == "long":
+        return resize_image(rgb, long_side_size(rgb.shape[:2], size)), label
+    hw = short_side_size(rgb.shape[:2], size)
+    return resize_image(rgb, hw), resize_label(label, hw)
+
+
 def crop_label(label, params, crop_hw):
     """Steps 1, 3 and 4 for the label alone, touching only the crop window: [H, W] -> [ch, cw].
 

@@ -107,6 +107,11 @@ def method_needs_teacher(spec):
     return any(METHODS[n].needs_teacher for n in parse_method(spec))
 
 
+def method_brings_inputs(spec):
+    """A data-free method among `spec`: one that trains on inputs of its own (a TrainSource), without labels."""
+    return any(METHODS[n].train_source is not Method.train_source for n in parse_method(spec))
+
+
 def build_method(cfg, student_channels, teacher_channels, num_classes, ignore_index=255):
     """cfg: MethodConfig. Returns one Method (a Combined one for `a+b`)."""
     names = parse_method(cfg.method)
@@ -118,4 +123,4 @@ def build_method(cfg, student_channels, teacher_channels, num_classes, ignore_in
 
 
 __all__ = ["METHODS", "POSITIONS", "Method", "MethodConfig", "SourceContext", "TrainSource", "build_method",
-           "method_needs_teacher", "parse_method", "segmentation_ce"]
+           "method_brings_inputs", "method_needs_teacher", "parse_method", "segmentation_ce"]

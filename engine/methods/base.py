@@ -58,6 +58,8 @@ class TrainSource:
 
     The trainer calls, in this order:
       `student_optim`        read once when the student's SGD is built: overrides of lr / momentum / weight_decay
+      `scheduled`            the source's optimizers whose lr follows the student's under --schedule step (dfad's
+                             generator, as DFAD's --scheduler decays both); with poly they keep their lr
       `load_state_dict(s)`   when resuming, with what `state_dict()` returned into the checkpoint
       `batches(start_iter)`  once per fit: an iterator whose n-th item is the batch of iteration start_iter + n,
                              a dict with at least "image" [B, 3, H, W] in the teacher's normalised input space
@@ -75,6 +77,7 @@ class TrainSource:
     prefetch = False  # True when batch n+1 does not depend on after_step(n): the trainer may fetch it early
 
     student_optim = {}
+    scheduled = ()
 
     def batches(self, start_iter):
         raise NotImplementedError

@@ -13,9 +13,12 @@ DeepInversion's batch-statistics prior over the teacher's BN layers with a large
 trained where it disagrees with the teacher most.
 
 One `--iters` iteration is one student step on a fresh generated batch; after iterations k-1, 2k-1, ...
-(every k-th) comes one generator step, so --iters 5000 with k = 5 is 1000 DFAD rounds. The poly schedule
-and the step count follow student steps. Defaults (DFAD's): k = 5, batch 64, student SGD lr 0.1, momentum
-0.9, weight decay 5e-4, generator Adam lr 1e-3 (constant), nz = 256, S = 128.
+(every k-th) comes one generator step, so --iters 5000 with k = 5 is 1000 DFAD rounds. The schedule and the
+step count follow student steps. Defaults (DFAD's): k = 5, batch 64, student SGD lr 0.1, momentum 0.9, weight
+decay 5e-4, generator Adam lr 1e-3, nz = 256, S = 128. The schedule: DFAD's code keeps both learning rates
+constant without its --scheduler and, with it (the README's commands), multiplies both by 0.1 after 100 and 200
+of its 300 epochs; segkd's --schedule step --step-parts 3 does the same to both (the `dfad_camvid` recipe),
+its default poly schedule decays the student's alone and leaves the generator's constant.
 
 Each student step's latent is drawn from a generator seeded by (seed, rank, iteration), so a resumed run
 replays the same latents; the checkpoint carries G, its BN statistics and its Adam state. Under DDP every
@@ -47,9 +50,10 @@ class DFADSettings:
     gen_batch: int = setting(64, "dfad: generated images per student step and per generator step, per process "
                                  "(replaces --batch-size in training)", check=at_least(2))
     gen_every: int = setting(5, "dfad: k, student steps (iterations) per generator step", check=at_least(1))
-    gen_lr: float = setting(1e-3, "dfad: Adam learning rate of the generator (constant)", check=positive)
-    dfad_lr: float = setting(0.1, "dfad: student SGD learning rate (replaces --lr; the poly schedule applies, "
-                                  "--poly-power 0 keeps it constant as DFAD's code does)", check=positive)
+    gen_lr: float = setting(1e-3, "dfad: Adam learning rate of the generator (constant; decayed with the "
+                                  "student's under --schedule step)", check=positive)
+    dfad_lr: float = setting(0.1, "dfad: student SGD learning rate (replaces --lr; --schedule applies, --poly-power "
+                                  "0 keeps it constant as DFAD's code does without its --scheduler)", check=positive)
     dfad_weight_decay: float = setting(5e-4, "dfad: student SGD weight decay (replaces --weight-decay)",
                                        check=at_least(0))
     bn_weight: float = setting(0.0, "dfad: weight of the DeepInversion BN-statistics term in the generator loss "
@@ -89,6 +93,7 @@ class GeneratorSource(TrainSource):
         self.generator = Generator(df.gen_nz, df.gen_size).to(self.device).train()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=df.gen_lr)
         self.student_optim = {"lr": df.dfad_lr, "weight_decay": df.dfad_weight_decay}
+        self.scheduled = (self.optimizer,)  # --schedule step decays the generator with the student (DFAD's code)
         zero = torch.zeros((), device=self.device)
         self.last = {"gen/l1": zero.clone()} | ({"gen/bn": zero.clone()} if self.bn_weight else {})
         ctx.echo(f"dfad: generator {df.gen_size[0]}x{df.gen_size[1]} (nz {df.gen_nz}), {df.gen_batch} generated "

@@ -60,6 +60,7 @@ class MobileNetV2(nn.Module):
                 inp = c
         self.features = nn.Sequential(*features)
         self.out_channels = inp
+        self.aux_channels = 96  # features.13, see forward_with_mid
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -70,6 +71,12 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x):
         return self.features(x)  # [B, 320, H/8, W/8]
+
+    def forward_with_mid(self, x):
+        """-> (features.13's output [B, 96, H/8, W/8], the last feature): the input of the auxiliary head, the
+        end of the stride-16 stage of the undilated network, the place of a ResNet's layer3."""
+        mid = self.features[:14](x)
+        return mid, self.features[14:](mid)
 
 
 def mobilenet_v2():

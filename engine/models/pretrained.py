@@ -1,4 +1,5 @@
-"""Loading torchvision ImageNet weights into a segmentation backbone."""
+"""Loading ImageNet weights into a segmentation backbone: torchvision's checkpoints, and the deep-stem
+ResNet checkpoints of the segmentation codebases (see resnet.py), whose keys are loaded as they are."""
 import os
 from collections.abc import Mapping
 
@@ -26,8 +27,22 @@ def _state_dict_of(obj, path):
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+def _stem_hint(state, expected):
+    """One line when the file and the backbone disagree on the ResNet stem, the likely cause of a mismatch."""
+    file_deep, model_deep = "conv3.weight" in state, "conv3.weight" in expected
+    if file_deep and not model_deep and "conv1.weight" in expected:
+        return ("\n  the file has a deep 3x3 stem (conv1, conv2, conv3: resnet18-imagenet.pth, resnet101_v2.pth, "
+                "...): load it into a deep-stem model (*_r18d, *_r50d, *_r101d, pspnet_*d_apd)")
+    if model_deep and not file_deep and "conv1.weight" in state:
+        return ("\n  the model has a deep 3x3 stem but the file has not (a torchvision checkpoint?): load it into "
+                "the model without the 'd' suffix (pspnet_r18, deeplabv3_r101, ...)")
+    return ""
+
+
 def load_pretrained_backbone(model, path):
-    """Load a torchvision ImageNet checkpoint (resnet18/50/101, mobilenet_v2) into `model.backbone`.
+    """Load an ImageNet checkpoint into `model.backbone`: torchvision's resnet18/50/101 and mobilenet_v2
+    into the 7x7-stem models, the deep-stem checkpoints of CIRKD / APD / semseg (resnet18-imagenet.pth,
+    resnet101-imagenet.pth, resnet50_v2.pth, resnet101_v2.pth; conv1..conv3 stem) into the `*d` models.
 
     Keys of the ImageNet classifier that the backbone does not have (the backbone's `imagenet_only`
     prefixes: `fc.*`; `classifier.*` and `features.18.*`) are dropped, the rest must match the backbone
@@ -66,5 +81,6 @@ def load_pretrained_backbone(model, path):
             msg += _listing("unexpected keys", unexpected)
         if wrong_shape:
             msg += _listing("shape mismatches", wrong_shape)
+        msg += _stem_hint(state, expected)
         raise ValueError(msg)
     backbone.load_state_dict(state, strict=True)

@@ -104,3 +104,30 @@ def test_bad_speed_flags_are_named(teacher, tmp_path):
         run(tmp_path, *base, "--channels-last", "yes")
     with pytest.raises(ValueError, match="--profile and --profile-warmup must be >= 0"):
         run(tmp_path, *base, "--profile", "-1")
+
+
+def test_aux_term_is_the_weighted_cross_entropy_of_the_auxiliary_head():
+    """--aux-weight w: the step's 'aux' term is w x the pixel-mean CE of the auxiliary logits upsampled to the
+    labels (the same CE as the main term), computed in float64 here from the same forward."""
+    import torch.nn.functional as F
+
+    from engine.config import MethodConfig
+    from engine.methods import build_method
+    from engine.models import build_model
+    from engine.step import Distiller
+
+    torch.manual_seed(0)
+    student = build_model("pspnet_tiny", 4, aux=True).train()
+    method = build_method(MethodConfig(method="none"), student.channels, student.channels, 4)
+    images, labels = torch.randn(2, 3, 40, 32), torch.randint(0, 4, (2, 40, 32))
+    labels[0, :5] = 255
+    torch.manual_seed(1)
+    s, terms = Distiller(student, method, 255, aux_weight=0.4)(images, None, {"label": labels})
+    assert set(terms) == {"ce", "aux"}
+    up = F.interpolate(s.aux.double(), size=(40, 32), mode="bilinear", align_corners=False)
+    logp = torch.log_softmax(up, 1)
+    keep = labels != 255
+    want = -logp.gather(1, labels.clamp_max(3)[:, None])[:, 0][keep].mean()
+    torch.testing.assert_close(terms["aux"].double(), 0.4 * want, rtol=1e-5, atol=1e-6)
+    _, no_labels = Distiller(student, method, 255, aux_weight=0.4)(images, None, {})
+    assert "aux" not in no_labels

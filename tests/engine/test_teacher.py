@@ -15,8 +15,8 @@ def test_teacher_forward_matches_the_model_and_its_outputs_can_be_saved_for_back
     with torch.no_grad():
         want = Frozen(model)(x)
     out = TeacherForward(Frozen(model), torch.device("cpu"), dtype)(x)
-    assert isinstance(out, SegOutput)
-    for w, o in zip(want, out):
+    assert isinstance(out, SegOutput) and out.aux is None and want.aux is None  # eval mode: no auxiliary logits
+    for w, o in zip(want[:3], out[:3]):
         assert not o.is_inference() and not o.requires_grad
         if dtype is None:
             torch.testing.assert_close(o, w, rtol=0, atol=0)

@@ -287,3 +287,85 @@ def test_val_split_chooses_what_the_trainer_evaluates(tmp_path, capsys):
     assert split["test"] != pytest.approx(split["val"], abs=1e-6)  # the two splits do tell apart
     with pytest.raises(ValueError, match=r"--val-split 'holdout': camvid has splits"):
         run(tmp_path, *args, "--val-split", "holdout", "--out", str(tmp_path / "x"))
+
+
+def test_val_resize_evaluates_resized_images_and_labels(tmp_path):
+    """--val-resize 12: the run's mIoU is that of the val split with images and labels resized to a shorter side
+    of 12 (and differs from the native-size evaluation); it does not shape the run, so a resume may change it."""
+    from fake_datasets import make_camvid
+
+    from engine.checkpoint import load_model
+    from engine.data import build_dataset, build_val_loader
+    from engine.evaluate import evaluate
+
+    root = make_camvid(tmp_path / "data", splits=(("train", 4), ("val", 3)), seed=5)
+    args = ["--method", "none", "--dataset", "camvid", "--data-root", str(root), "--iters", "2", "--crop", "16",
+            "--loader", "torch", "--val-size", "0", "--out", str(tmp_path / "t")]
+    result = run(tmp_path, *args, "--val-resize", "12")
+    model, _ = load_model(tmp_path / "t" / "last.pt")
+    got = {}
+    for short in (12, 0):
+        ds = build_dataset("camvid", "val", root=str(root))
+        ds.eval_resize = short
+        if short:
+            assert min(ds[0]["label"].shape) == 12
+        got[short] = evaluate(model, build_val_loader(ds, 2, workers=0), ds.num_classes, torch.device("cpu"),
+                              ignore_index=ds.ignore_index)["miou"]
+    assert result["miou"] == pytest.approx(got[12], abs=1e-6) and got[12] != pytest.approx(got[0], abs=1e-6)
+    again = run(tmp_path, *args, "--val-resize", "0", "--iters", "3")  # resumes from iteration 2
+    assert 0 <= again["miou"] <= 1
+
+
+def test_val_resize_long_side_scores_at_the_labels_size(tmp_path):
+    """--val-resize N --val-resize-side long (semseg's base_size): the image alone is resized to a longer side of
+    N and the logits are scored against the label at its own size."""
+    from fake_datasets import make_camvid
+
+    from engine.checkpoint import load_model
+    from engine.data import build_dataset
+    from engine.evaluate import whole_logits
+    from engine.metrics import ConfusionMatrix
+
+    root = make_camvid(tmp_path / "data", splits=(("train", 4), ("val", 2)), seed=6)
+    result = run(tmp_path, "--method", "none", "--dataset", "camvid", "--data-root", str(root), "--iters", "2",
+                 "--crop", "16", "--loader", "torch", "--val-size", "0", "--batch-size", "2",
+                 "--val-resize", "20", "--val-resize-side", "long", "--out", str(tmp_path / "t"))
+    model, _ = load_model(tmp_path / "t" / "last.pt")
+    ds = build_dataset("camvid", "val", root=str(root))
+    cm = ConfusionMatrix(ds.num_classes, torch.device("cpu"), ds.ignore_index)
+    for i in range(len(ds)):  # by hand: resize the image, upsample the logits to the native label
+        _, rgb, label = ds.load_checked(i)
+        h, w = rgb.shape[:2]
+        size = (20, round(20 * w / h)) if h >= w else (round(20 * h / w), 20)
+        ds.eval_resize, ds.eval_resize_side = 20, "long"
+        small = ds[i]
+        ds.eval_resize = 0
+        assert small["image"].shape[-2:] == size and small["label"].shape == label.shape
+        with torch.no_grad():
+            logits = whole_logits(model, small["image"][None])
+        logits = torch.nn.functional.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
+        cm.update(logits.argmax(1), torch.from_numpy(label.astype(np.int64))[None])
+    assert result["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-6)
+
+
+def test_settings_added_later_keep_the_cache_keys_at_their_defaults():
+    """Cached teachers and baselines are found by settings_key: flags added since (--val-split, --val-resize,
+    --schedule, --step-*, --head-lr-mult, --aux-weight) enter it only away from their defaults, so a cache made
+    before them is still found. The reference is the key as it was computed before those flags."""
+    import dataclasses
+    import hashlib
+
+    from engine.config import Config
+    from engine.runs import LATER, settings_key
+
+    cfg = Config()
+    d, o = dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.optim)
+    old = {"arch": "pspnet_small", "iters": 5, "world": 1, "seed": 0, "root": "",
+           "data": {k: v for k, v in d.items() if k not in ("data_root", "workers", *LATER)},
+           "optim": {k: v for k, v in o.items() if k != "iters" and k not in LATER}, "pretrained": ""}
+    want = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert settings_key(cfg, "pspnet_small", 5, 1) == want
+    for section, name, value in (("optim", "schedule", "step"), ("optim", "head_lr_mult", 10.0),
+                                 ("data", "val_resize", 256), ("model", "aux_weight", 0.4)):
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        assert settings_key(changed, "pspnet_small", 5, 1) != want, name

@@ -14,7 +14,7 @@ from engine.data.camvid import CamVid
 from engine.data.loader import TrainBatchSampler, epoch_permutation
 from engine.data.pascal_context import convert
 from engine.data.synthetic import PATCH_IN, PATCH_OUT, SyntheticSegmentation, generate
-from fake_datasets import make_ade20k, make_camvid, make_cityscapes, make_pascal_context, make_voc
+from fake_datasets import make_ade20k, make_camvid, make_cityscapes, make_nyuv2, make_pascal_context, make_voc
 
 CAMVID = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "camvid"
 
@@ -40,7 +40,8 @@ def fake_root(name, tmp_path):
         convert(source, voc)
         return voc
     makers = {"synthetic": lambda p: "", "camvid": make_camvid, "cityscapes": lambda p: make_cityscapes(p)[0],
-              "ade20k": lambda p: make_ade20k(p)[0], "voc": lambda p: make_voc(p)[0]}
+              "ade20k": lambda p: make_ade20k(p)[0], "voc": lambda p: make_voc(p)[0],
+              "nyuv2": lambda p: make_nyuv2(p)[0]}
     return makers[name](tmp_path)
 
 
@@ -63,7 +64,8 @@ def test_interface_attributes(name, tmp_path):
 
 
 def test_build_dataset_errors():
-    with pytest.raises(ValueError, match="ade20k, camvid, cityscapes, pascal_context, pascal_context59, synthetic, voc"):
+    valid = "ade20k, camvid, cityscapes, nyuv2, pascal_context, pascal_context59, synthetic, voc"
+    with pytest.raises(ValueError, match=valid):
         build_dataset("kitti", "train")
     for name in set(DATASETS) - {"synthetic"}:
         with pytest.raises(ValueError, match="data-root"):
@@ -442,3 +444,25 @@ def test_real_camvid():
             counts += np.bincount(label.ravel(), minlength=256)
     assert counts[11:255].sum() == 0 and (counts[:11] > 0).all() and counts[255] > 0
     assert counts[3] == counts[:11].max()  # Road is the most frequent class
+
+
+def test_val_resize_scales_the_shorter_side_as_torchvision_resize():
+    """--val-resize N: DFAD's ExtResize(N) (torchvision Resize(int)): shorter side N, the longer
+    int(N * long / short); the label by nearest neighbour, so no new label value appears."""
+    from engine.data import transforms
+
+    assert transforms.short_side_size((360, 480), 256) == (256, 341)
+    assert transforms.short_side_size((480, 360), 256) == (341, 256)
+    assert transforms.short_side_size((100, 100), 64) == (64, 64)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    label = rng.choice(np.array([0, 3, 255], np.uint8), (30, 50))
+    img2, lab2 = transforms.resize_for_eval(rgb, label, 12, "short")
+    assert img2.shape == (12, 20, 3) and lab2.shape == (12, 20)
+    assert set(np.unique(lab2)) <= {0, 3, 255}
+    ys, xs = transforms.nearest_indices(30, 12), transforms.nearest_indices(50, 20)
+    assert np.array_equal(lab2, label[ys][:, xs])
+    img3, lab3 = transforms.resize_for_eval(rgb, label, 20, "long")  # semseg: the image alone, longer side 20
+    assert img3.shape == (12, 20, 3) and lab3 is label
+    assert transforms.long_side_size((1024, 2048), 2048) == (1024, 2048)  # Cityscapes at base_size 2048: as is
+    assert transforms.long_side_size((683, 512), 512) == (512, 384)

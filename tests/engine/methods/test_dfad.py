@@ -77,3 +77,27 @@ def test_generator_gradient_raises_the_discrepancy(random_teacher, tmp_path):
         for p, g in zip(src.generator.parameters(), grads):
             p -= 1e-3 * g / (torch.cat([x.flatten() for x in grads]).norm() + 1e-12)
     assert discrepancy() > before
+
+
+@pytest.mark.parametrize("schedule", ["poly", "step"])
+def test_step_schedule_decays_the_generator_with_the_student(random_teacher, tmp_path, schedule):
+    """DFAD's --scheduler: StepLR on both optimizers. --schedule step multiplies the student's and the generator's
+    learning rates by --step-gamma at each part of the run; poly decays the student's alone."""
+    tr = dfad_trainer(tmp_path, random_teacher, "--gen-every", "2", "--schedule", schedule, "--step-parts", "2",
+                      "--step-gamma", "0.3", "--gen-lr", "0.002")
+    batches = tr.source.batches(0)
+    tr.step.model.train()
+    seen = []
+    for it in (0, 4, 5, 9):  # iters 10 in two parts: 0..4 at x1, 5..9 at x0.3
+        tr.step(next(batches), it)
+        seen.append((tr.step.optimizer.param_groups[0]["lr"], tr.source.optimizer.param_groups[0]["lr"]))
+    if schedule == "step":
+        assert seen == [pytest.approx((0.1, 0.002)), pytest.approx((0.1, 0.002)), pytest.approx((0.03, 0.0006)),
+                        pytest.approx((0.03, 0.0006))]
+    else:
+        assert [g for _, g in seen] == [0.002] * 4 and seen[1][0] == pytest.approx(0.1 * 0.6 ** 0.9)
+
+
+def test_aux_head_needs_labels(random_teacher, tmp_path):
+    with pytest.raises(ValueError, match=r"--aux-weight 0.4: --method dfad trains without labels"):
+        dfad_trainer(tmp_path, random_teacher, "--aux-weight", "0.4")

@@ -8,6 +8,7 @@ import torch
 
 from engine.models import MODELS, SegOutput, build_model, load_pretrained_backbone
 from engine.models.mobilenetv2 import MobileNetV2
+from models_testing import load_error
 from engine.models.resnet import resnet18, resnet50, resnet101
 
 # Written from torchvision's definitions by tests/data/make_torchvision_backbone_keys.py (no engine code).
@@ -20,7 +21,7 @@ DROPPED = {"resnet18": ("fc.",), "resnet50": ("fc.",), "resnet101": ("fc.",),
            "mobilenet_v2": ("classifier.", "features.18.")}
 # torchvision's documented num_params of the ImageNet classifiers: an anchor for the key file itself.
 DOCUMENTED_PARAMS = {"resnet18": 11689512, "resnet50": 25557032, "resnet101": 44549160, "mobilenet_v2": 3504872}
-FULL_SIZE = [n for n in MODELS if n.endswith(("_r50", "_r101"))]
+FULL_SIZE = [n for n in MODELS if "_r50" in n or "_r101" in n]  # incl. the deep-stem *_r50d, *_r101d(_apd)
 
 _backbones = {}
 
@@ -50,11 +51,42 @@ def test_output_shapes_and_channels(name):
             out = model(torch.randn(1, 3, H, W))
         assert isinstance(out, SegOutput)
         h, w = math.ceil(H / 8), math.ceil(W / 8)
-        for field in SegOutput._fields:
+        assert out.aux is None  # no auxiliary head unless asked for
+        for field in ("backbone", "decoder", "logits"):
             assert getattr(out, field).shape == (1, model.channels[field], h, w), (name, field, H, W)
             assert torch.isfinite(getattr(out, field)).all()
     assert model.channels["logits"] == model.num_classes == 11
     assert model.classifier.out_channels == 11 and model.classifier.in_channels == model.channels["decoder"]
+
+
+@pytest.mark.parametrize("name", ["pspnet_tiny", "deeplabv3_small", "pspnet_mbv2", "pspnet_r18d_apd"])
+def test_auxiliary_head_reads_layer3_in_training_mode_only(name):
+    """--aux-weight: an FCN head on layer3 (MobileNetV2: features.13) gives logits at the main logits' size in
+    training mode, nothing in eval mode, and leaves the main outputs as the model without it computes them."""
+    torch.manual_seed(0)
+    plain = build_model(name, 5)
+    model = build_model(name, 5, aux=True)
+    model.load_state_dict(plain.state_dict(), strict=False)  # the same trunk, head and classifier
+    assert {k.split(".")[0] for k in model.state_dict().keys() - plain.state_dict().keys()} == {"aux"}
+    x = torch.randn(2, 3, 33, 40)
+    with torch.no_grad():  # eval mode: the head is not run, the outputs are the plain model's
+        got, want = model.eval()(x), plain.eval()(x)
+    assert got.aux is None
+    for field in ("backbone", "decoder", "logits"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    out = model.train()(x)
+    assert out.aux.shape == out.logits.shape == (2, 5, 5, 5)
+    torch.testing.assert_close(out.backbone, plain.train()(x).backbone)  # before any dropout: the same trunk
+    # the head reads layer3: its input channels are the backbone's aux_channels (ResNet-18: 256, MobileNetV2: 96)
+    assert model.aux[0].in_channels == model.backbone.aux_channels
+    mid = model.backbone.forward_with_mid(x)[0]
+    assert mid.shape[1] == model.backbone.aux_channels
+    out.aux.sum().backward()  # reaches the head and layer3, not layer4 (MobileNetV2: features.13, not .14)
+    before, after = ((model.backbone.features[13], model.backbone.features[14]) if name.endswith("mbv2")
+                     else (model.backbone.layer3, model.backbone.layer4))
+    assert model.aux[0].weight.grad is not None
+    assert all(p.grad is not None for p in before.parameters())
+    assert all(p.grad is None for p in after.parameters())
 
 
 def test_decoder_feature_is_the_classifier_input():
@@ -251,17 +283,7 @@ def test_load_pretrained_unreadable_file(tmp_path):
 
 
 def _load_error(tmp_path, state, model_name="pspnet_r18"):
-    path = tmp_path / "bad.pth"
-    torch.save(state, path)
-    model = build_model(model_name, 3)
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    with pytest.raises(ValueError) as err:
-        load_pretrained_backbone(model, path)
-    for k, v in model.backbone.state_dict().items():  # nothing was loaded
-        assert torch.equal(v, before[k]), k
-    msg = str(err.value)
-    assert "bad.pth" in msg
-    return msg
+    return load_error(tmp_path, state, model_name)
 
 
 def test_load_pretrained_wrong_keys(tmp_path):
