@@ -8,6 +8,7 @@ import dataclasses
 
 import torch.nn as nn
 
+from engine.methods.adv import Adversarial
 from engine.methods.angular import CAD, LAD, PAD
 from engine.methods.apd import APD
 from engine.methods.base import (POSITIONS, Method, NoDistillation, SharedSettings, SourceContext, TrainSource,
@@ -16,8 +17,10 @@ from engine.methods.cwd import CWD
 from engine.methods.dfad import DFAD
 from engine.methods.dfss import DFSS
 from engine.methods.fitnet import FitNet
+from engine.methods.ifvd import IFVD
 from engine.methods.kd import KD
 from engine.methods.md import MD
+from engine.methods.skd import SKD
 
 METHODS = {
     "none": NoDistillation,
@@ -31,6 +34,9 @@ METHODS = {
     "cwd": CWD,
     "dfad": DFAD,
     "dfss": DFSS,
+    "adv": Adversarial,
+    "ifvd": IFVD,
+    "skd": SKD,
 }
 
 

@@ -1,0 +1,143 @@
+"""SKD's pair-wise similarity loss: the naive N x N form (CIRKD's CriterionStructuralKD after pooling) against the
+Gram form of kernels.pairwise_similarity_loss, forward and forward+backward, fp32, student C_s / teacher C_t.
+
+Each case runs in a fresh child process so that its peak memory is its own: on CPU, the growth of the peak
+resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up run) over the resident size then; on CUDA, torch.cuda's peak
+allocated bytes over the inputs'. Times are medians of a few repetitions after one warm-up.
+
+    python bench/bench_pairwise.py            # writes bench/results/pairwise_<device>.md
+"""
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CASES = [  # (B, C_s, C_t, h, w): N = h*w; the naive form at N = 8192 needs two 268 MB maps per image: B = 1
+    (2, 128, 512, 32, 64),
+    (1, 128, 512, 64, 128),
+]
+PROVIDERS = ("naive", "gram")
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to its current size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _case(provider, shape, reps, queue):
+    import torch
+
+    from kernels.pairwise import pairwise_similarity_loss, pairwise_similarity_reference
+
+    torch.manual_seed(0)
+    b, cs, ct, h, w = shape
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s = torch.randn(b, cs, h, w, device=dev).relu_().requires_grad_()
+    t = torch.randn(b, ct, h, w, device=dev).relu_()
+    fn = pairwise_similarity_reference if provider == "naive" else pairwise_similarity_loss
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def timed(backward):
+        out = []
+        for _ in range(reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            loss = fn(s, t)
+            if backward:
+                loss.backward()
+            sync()
+            out.append(time.perf_counter() - t0)
+            s.grad = None
+        return statistics.median(out[1:]), loss.item()
+
+    timed(False)  # warm every BLAS / allocator path once before the peak is reset
+    _reset_peak_rss()
+    base = _status_bytes("VmRSS")
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    fwd, loss = timed(False)
+    fwd_bwd, _ = timed(True)
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _status_bytes("VmHWM") - base
+    queue.put((fwd, fwd_bwd, max(peak, 0), loss))
+
+
+def run_case(provider, shape, reps):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_case, args=(provider, shape, reps, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None, help="result file (default bench/results/pairwise_<device>.md)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from device import device_name
+
+    name = device_name()
+    rows = []
+    for shape in CASES:
+        res = {p: run_case(p, shape, args.reps) for p in PROVIDERS}
+        b, cs, ct, h, w = shape
+        for p in PROVIDERS:
+            fwd, fb, peak, loss = res[p]
+            rows.append(f"| {h * w} | {b} | {cs} / {ct} | {p} | {fwd * 1e3:.1f} | {fb * 1e3:.1f} | {peak / 2**20:.0f} | "
+                        f"{loss:.6e} |")
+            print(rows[-1], flush=True)
+        n, g = res["naive"], res["gram"]
+        rows.append(f"| {h * w} | {b} | {cs} / {ct} | naive / gram | {n[0] / g[0]:.1f}x | {n[1] / g[1]:.1f}x | "
+                    f"{n[2] / max(g[2], 1):.1f}x | rel. diff {abs(n[3] - g[3]) / abs(n[3]):.1e} |")
+        print(rows[-1], flush=True)
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"pairwise_{kind}.md"
+    text = "\n".join([
+        "# Pair-wise similarity loss (SKD): naive N x N form vs Gram form",
+        "",
+        f"Device: {name}. torch {torch.__version__}, {torch.get_num_threads()} threads. fp32 inputs, post-ReLU "
+        "random features; student C_s / teacher C_t channels. `naive` = "
+        "`kernels.pairwise.pairwise_similarity_reference` (CIRKD's CriterionStructuralKD after its pooling: two "
+        "[B, N, N] maps); `gram` = `kernels.pairwise_similarity_loss` (three C x C Gram matrices, custom autograd "
+        "Function). Median of "
+        f"{args.reps} runs after a warm-up; forward+backward differentiates the student. Peak memory: growth of the "
+        "process's peak resident set (VmHWM, reset after a warm-up run) over its resident size with the inputs "
+        "allocated (CPU), a fresh process per row; it includes the allocator's and BLAS's own buffers, so small "
+        "values are approximate. N = 8192 runs at B = 1: the naive form needs two "
+        "268 MB maps per image (plus their difference and gradients).",
+        "",
+        "| N | B | C_s / C_t | provider | forward ms | fwd+bwd ms | peak MB | loss |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Run-to-run variation: on a shared CPU the times of one run are noisy; compare the ratios of one run.",
+        "",
+        "Command: `python bench/bench_pairwise.py`.",
+        "",
+    ])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
