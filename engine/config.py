@@ -72,7 +72,8 @@ class OptimConfig:
     poly_power: float = _f(0.9, "exponent of the poly learning-rate schedule", check=at_least(0))
     schedule: str = _f("poly", "learning-rate schedule, per iteration: poly (1 - it / iters)^power, or step (times "
                                "--step-gamma at the start of each of --step-parts equal parts of the run but the "
-                               "first, for the student and a data-free method's generator: DFAD's --scheduler)",
+                               "first, for the student and a data-free method's generator: DFAD's --scheduler; the parts follow "
+                               "--iters, so extending a run moves them)",
                        check=one_of("poly", "step"))
     step_parts: int = _f(3, "--schedule step: equal parts of the run (DFAD: 300 epochs, StepLR step 100: 3)",
                          check=at_least(1))
@@ -215,6 +216,12 @@ def validate(cfg):
     d = cfg.data
     if d.scale_min > d.scale_max:
         raise ValueError(f"--scale-min {d.scale_min} is above --scale-max {d.scale_max}")
+    if cfg.model.aux_weight:  # before any default teacher is trained for a run that cannot start
+        from engine.methods import method_brings_inputs
+
+        if method_brings_inputs(cfg.method.method):
+            raise ValueError(f"--aux-weight {cfg.model.aux_weight}: --method {cfg.method.method} trains without "
+                             "labels, so the auxiliary head would have nothing to learn from (give --aux-weight 0)")
     return cfg
 
 
@@ -226,7 +233,11 @@ def cache_dir(cfg):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, a value of the wrong type) are raised, so that they end in the one
-    `segkd: error:` line of engine/errors.py like every other; --help still prints and exits."""
+    `segkd: error:` line of engine/errors.py like every other; --help still prints and exits. No abbreviated
+    flags: --recipe must see which flags were given explicitly."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise ValueError(message)

@@ -95,6 +95,10 @@ def main(argv=None):
     p.add_argument("--sliding", action="store_true", help="sliding-window inference (windows of --window)")
     p.add_argument("--window", type=parse_size, default=None, help="sliding window size (default: training crop)")
     p.add_argument("--val-size", type=int, default=0, help="evaluate the first N images only (0: all)")
+    p.add_argument("--val-resize", type=int, default=None,
+                   help="resize for evaluation as the trainer's --val-resize (default: the checkpoint's)")
+    p.add_argument("--val-resize-side", default=None, choices=("short", "long"),
+                   help="the side --val-resize sets (default: the checkpoint's); long scores one image a batch")
     p.add_argument("--batch-size", type=int, default=4, help="images per process")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
@@ -113,18 +117,24 @@ def main(argv=None):
         dataset = args.dataset or cfg.data.dataset
         root = cfg.data.data_root if args.data_root is None else args.data_root
         ds = build_dataset(dataset, args.split, root=root, train=False)
+        ds.eval_resize = cfg.data.val_resize if args.val_resize is None else args.val_resize  # as the run scored it
+        ds.eval_resize_side = args.val_resize_side or cfg.data.val_resize_side
+        if ds.eval_resize < 0:
+            raise ValueError(f"--val-resize must be >= 0, got {ds.eval_resize}")
         if ds.num_classes != ckpt["num_classes"]:
             raise ValueError(f"checkpoint {args.ckpt} has {ckpt['num_classes']} classes but dataset {dataset} "
                              f"has {ds.num_classes}")
         model.to(env.device)
         items = torch.utils.data.Subset(ds, range(min(args.val_size, len(ds)))) if args.val_size else ds
-        loader = build_val_loader(items, args.batch_size, workers=args.workers, rank=env.rank,
+        long_side = ds.eval_resize and ds.eval_resize_side == "long"  # scored at each label's size: unpadded
+        loader = build_val_loader(items, 1 if long_side else args.batch_size, workers=args.workers, rank=env.rank,
                                   world_size=env.world_size)
         result = evaluate(model, loader, ds.num_classes, env.device, ignore_index=ds.ignore_index,
                           sliding=args.sliding, window=args.window or cfg.data.crop,
                           dtype=resolve_precision(args.precision, env.device))
         if env.is_main:
-            mode = "sliding window" if args.sliding else "whole image"
+            mode = ("sliding window" if args.sliding else "whole image") + (
+                f", {ds.eval_resize_side}er side resized to {ds.eval_resize}" if ds.eval_resize else "")
             print(format_iou(result, ds.class_names,
                              f"{ckpt['arch']} ({args.ckpt}, iteration {ckpt['iteration']}) on {dataset} "
                              f"{args.split}, {len(items)} images, {mode}:"))

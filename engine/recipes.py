@@ -41,9 +41,11 @@ def world_size():
         return 1
 
 
-def epochs_to_iters(epochs, images, global_batch):
-    """A code that counts epochs with drop_last: epochs x floor(images / global batch) iterations."""
-    return epochs * (images // global_batch)
+def epochs_to_iters(epochs, images, global_batch, gpus=1):
+    """A code that counts epochs over a DistributedSampler (each of `gpus` ranks gets ceil(images / gpus) images)
+    with drop_last per rank: epochs x floor(ceil(images / gpus) / (global batch / gpus)) iterations."""
+    per_rank = -(-images // gpus)
+    return epochs * (per_rank // (global_batch // gpus))
 
 
 # ------------------------------------------------------------------------------------------------ APD
@@ -53,8 +55,11 @@ APD_NEEDS = (("--data-root", "the dataset"),
                                 "pspnet101_fc_*.pth are in semseg's layout: not loadable yet)"),
              ("--pretrained-backbone", "the ImageNet deep-stem checkpoint of the student (resnet18-imagenet.pth)"))
 APD_INFERRED = ("the student's decoder feature is read before its Dropout2d(0.1); the code reads it after",
-                "segkd's sliding windows overlap by 1/3 (semseg's test.py: stride_rate 2/3, the same) and average "
-                "logits, semseg averages softmax outputs")
+                "evaluation: semseg's test.py also averages the horizontally flipped prediction, centres its "
+                "padding, strides ceil(2/3 window) and averages softmax outputs; segkd: no flip, bottom/right "
+                "padding, int(2/3 window), logits",
+                "augmentation: the code rotates half the images (RandRotate p 0.5) and blurs half "
+                "(RandomGaussianBlur); segkd rotates every image, never blurs")
 
 
 def _apd(name, dataset, crop, global_batch, lr, epochs, train_images, teacher, student, base_size,
@@ -63,7 +68,7 @@ def _apd(name, dataset, crop, global_batch, lr, epochs, train_images, teacher, s
         "teacher": teacher, "student": student, "dataset": dataset, "crop": crop,
         "scale_min": 0.5, "scale_max": 2.0, "rotate": 10.0, "flip": True,
         "lr": lr, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly", "poly_power": 0.9,
-        "iters": epochs_to_iters(epochs, train_images, global_batch),
+        "iters": epochs_to_iters(epochs, train_images, global_batch, gpus=4),
         "aux_weight": 0.4, "head_lr_mult": 10.0, "sync_bn": True,
         "method": "apd", "apd_convention": "code", "apd_kd_unit": "element", "apd_kd_weight": 10.0,
         "apd_rec_weight": 10.0, "apd_tau": 0.1, "apd_teacher_lr": 1e-5, "temperature": 1.0,
@@ -80,7 +85,7 @@ def apd_cityscapes_r18():
     weight_decay 1e-4, aux_weight 0.4, kl_weight = pred_kmeans_weight = proto_align_weight = 10, kmeans_temp 10
     (tau 0.1), temperature 1, teacher_lr 1e-5, sync_bn; TEST: sliding 713 windows at base_size 2048, scale 1.0.
     tool/train.py: heads, auxiliary head and student projector at 10x base_lr. model/pspnet.py: semseg's
-    dilation (pspnet_*d_apd). 2975 train images -> 371 iterations an epoch.
+    dilation (pspnet_*d_apd). 2975 train images over 4 ranks of 2 -> 372 iterations an epoch.
     """
     settings, needs, inferred = _apd("apd_cityscapes_r18", "cityscapes", (713, 713), 8, 0.005, 200, 2975,
                                      "pspnet_r101d_apd", "pspnet_r18d_apd", 2048)
@@ -94,7 +99,7 @@ def apd_ade20k_r18():
 
     dvlab-research/APD config/ade20k/ade20k_release_psp18_psp101.yaml: train_h/w 473, batch_size 8 over 4 GPUs,
     base_lr 0.005, epochs 100, weight_decay 1e-4, aux_weight 0.4, the APD weights of the Cityscapes recipe;
-    TEST: base_size 512, 473 windows. 20210 train images -> 2526 iterations an epoch.
+    TEST: base_size 512, 473 windows. 20210 train images over 4 ranks of 2 -> 2526 iterations an epoch.
     """
     settings, needs, inferred = _apd("apd_ade20k_r18", "ade20k", (473, 473), 8, 0.005, 100, 20210,
                                      "pspnet_r101d_apd", "pspnet_r18d_apd", 512)
@@ -108,7 +113,7 @@ def apd_context_r18():
     dvlab-research/APD config/context/context_release_psp18_psp101.yaml: classes 60, train_h/w 473, batch_size 12
     over 4 GPUs, base_lr 0.00075, epochs 100, weight_decay 1e-4, aux_weight 0.4; TEST: base_size 512, 473
     windows. model/pspnet.py dilates as CIRKD on Pascal-Context (its `classes == 60` branch): pspnet_*d.
-    4998 train images -> 416 iterations an epoch.
+    4998 train images over 4 ranks of 3 -> 416 iterations an epoch.
     """
     settings, needs, inferred = _apd("apd_context_r18", "pascal_context", (473, 473), 12, 0.00075, 100, 4998,
                                      "pspnet_r101d", "pspnet_r18d", 512)
@@ -120,11 +125,15 @@ def _mbv2(recipe_fn, name):
     """The R18 recipe with a MobileNetV2 student (APD's `pspmv2` arch): every setting inferred from the R18
     config, as the repository releases no MobileNetV2 config; no figures (the README has none)."""
     base = recipe_fn()
-    settings = {**base.settings, "student": "pspnet_mbv2"}
+    # tool/train.py hard-codes index_split = 5 for its poly update: with pspmv2's one backbone group every group
+    # (backbone, ppm, cls, aux, projector) runs at the base lr from the first iteration on
+    settings = {**base.settings, "student": "pspnet_mbv2", "head_lr_mult": 1.0}
     needs = tuple((f, "the ImageNet MobileNetV2 checkpoint (torchvision's layout)" if f == "--pretrained-backbone"
                    else w) for f, w in base.needs)
     inferred = base.inferred + ("every setting: from the R18 config (no MobileNetV2 config released); segkd's "
-                                "MobileNetV2 is torchvision's, APD's pspmv2 may differ",)
+                                "MobileNetV2 is torchvision's, APD's pspmv2 may differ",
+                                "head lr x1: tool/train.py's index_split = 5 puts every group at the base lr "
+                                "for pspmv2")
     return Recipe(name, base.summary.replace("PSPNet-R18", "PSPNet-MobileNetV2"), settings, base.global_batch,
                   base.gpus, {}, "", needs, inferred, (_mbv2.__doc__ or "") + "\n" + (recipe_fn.__doc__ or ""))
 
@@ -148,26 +157,33 @@ CWD_NEEDS = (("--data-root", "Cityscapes"),
 
 
 def _cwd_setting(method):
+    # exp_cwd.sh passes neither --random-scale nor --random-mirror (store_true flags): no scale, no flip
     return {"teacher": "pspnet_r101d", "student": "pspnet_r18d", "dataset": "cityscapes", "crop": (512, 512),
-            "scale_min": 0.5, "scale_max": 2.0, "rotate": 0.0, "flip": True,
+            "scale_min": 1.0, "scale_max": 1.0, "rotate": 0.0, "flip": False,
             "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "poly", "poly_power": 0.9,
-            "iters": 40000, "aux_weight": 0.0, "head_lr_mult": 1.0, "method": method, "sliding": False,
+            "iters": 40000, "aux_weight": 0.4, "head_lr_mult": 1.0, "method": method, "sliding": False,
             "val_split": "val"}
+
+
+CWD_INFERRED = ("TorchDistiller's networks/pspnet.py dilates both 3x3 convs of every BasicBlock (2, 2 in layer3; "
+                "4, 4 in layer4) and gives the R18 student a 128-channel PSP head; segkd's pspnet_r18d dilates as "
+                "CIRKD and its head is 512 wide",
+                "whole-image evaluation is segkd's reading of the code's val.py")
 
 
 def cwd_cityscapes_r18():
     """CWD, Cityscapes, PSPNet-R101 -> PSPNet-R18 (Shu et al., ICCV 2021).
 
     irfanICMLL/TorchDistiller SemSeg-distill/options.py: INPUT_SIZE 512,512, BATCH_SIZE 8 (one GPU, exp_cwd.sh
-    --gpu 0), NUM_STEPS 40000, LEARNING_RATE 1e-2, MOMENTUM 0.9, POWER 0.9, WEIGHT_DECAY 5e-4; exp_cwd.sh
-    `channel kl 3 4`: lambda_cwd 3, temperature 4 on the logits (segkd's cwd defaults). README: "fluctuations in
-    the result, from 74.6~75.0" (val); the paper reports their mean.
+    --gpu 0), NUM_STEPS 40000, LEARNING_RATE 1e-2, MOMENTUM 0.9, POWER 0.9, WEIGHT_DECAY 5e-4; --random-scale and
+    --random-mirror are store_true flags exp_cwd.sh does not pass (no rescale, no flip); utils/criterion.py
+    CriterionDSN adds 0.4 x the CE of the layer3 head; exp_cwd.sh `channel kl 3 4`: lambda_cwd 3, temperature 4
+    on the logits (segkd's cwd defaults). README: "fluctuations in the result, from 74.6~75.0" (val); the paper
+    reports their mean.
     """
     s = {**_cwd_setting("cwd"), "cwd_weight": 3.0, "cwd_temperature": 4.0}
-    inferred = ("random scale 0.5-2.0 and mirror: the code's flags; their values are not in exp_cwd.sh",
-                "whole-image evaluation and the student's dilation (pspnet_r18d) are segkd's reading of the code")
     return Recipe("cwd_cityscapes_r18", "CWD, Cityscapes 512x512, PSPNet-R101 -> PSPNet-R18, 1 GPU x 8", s, 8, 1,
-                  {}, "TorchDistiller README: 74.6 to 75.0 over runs, no single figure", CWD_NEEDS, inferred,
+                  {}, "TorchDistiller README: 74.6 to 75.0 over runs, no single figure", CWD_NEEDS, CWD_INFERRED,
                   cwd_cityscapes_r18.__doc__)
 
 
@@ -178,7 +194,7 @@ def angular_cityscapes_r18():
     `--method lad|pad|cwd` runs the paper's other rows in the same setting.
     """
     s = {**_cwd_setting("cad"), "ad_weight": 10.0, "ad_kd_weight": 10.0, "ad_kd_unit": "element"}
-    inferred = ("the whole setting: taken from the CWD code the paper says it follows",)
+    inferred = ("the whole setting: taken from the CWD code the paper says it follows",) + CWD_INFERRED
     return Recipe("angular_cityscapes_r18", "CAD (LAD/PAD/CWD), Cityscapes 512x512, PSPNet-R101 -> PSPNet-R18", s,
                   8, 1, {}, "", CWD_NEEDS, inferred, angular_cityscapes_r18.__doc__)
 
@@ -189,19 +205,21 @@ def cirkd_cityscapes_r18():
 
     winycg/CIRKD (commit 2d8ad0f) train_cirkd.py / train_kd.py defaults: crop 512x1024, batch-size 16 over
     nproc_per_node 8 (train_scripts/train_cirkd/citys/deeplabv3_res18.sh), max-iterations 40000, lr 0.02,
-    momentum 0.9, weight-decay 1e-4, poly 0.9, no --aux; lambda-kd 1, kd-temperature 1 (segkd's kd defaults);
+    momentum 0.9, weight-decay 1e-4, poly 0.9; `args.aux = True` for a resnet student (train_cirkd.py and
+    train_baseline.py: CE + 0.4 CE(aux)); lambda-kd 1, kd-temperature 1 (segkd's kd defaults);
     whole-image validation. README (that commit): teacher 78.07, baseline 74.21, SKD 75.42, IFVD 75.59,
     CWD 75.55, CIRKD 76.38 (val). The method is `kd` until the cirkd baseline lands (issue 16).
     """
     s = {"teacher": "deeplabv3_r101d", "student": "deeplabv3_r18d", "dataset": "cityscapes", "crop": (512, 1024),
          "scale_min": 0.5, "scale_max": 2.0, "rotate": 0.0, "flip": True,
          "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly", "poly_power": 0.9, "iters": 40000,
-         "aux_weight": 0.0, "head_lr_mult": 1.0, "method": "kd", "kd_weight": 1.0, "temperature": 1.0,
+         "aux_weight": 0.4, "head_lr_mult": 1.0, "method": "kd", "kd_weight": 1.0, "temperature": 1.0,
          "sliding": False, "val_split": "val"}
     needs = (("--data-root", "Cityscapes"),
              ("--teacher-ckpt", "the trained DeepLabV3-R101 teacher in segkd's layout"),
              ("--pretrained-backbone", "resnet18-imagenet.pth (deep stem)"))
-    inferred = ("random scale 0.5-2.0 and flip: CIRKD's dataset/cityscapes.py augmentation as segkd reads it",)
+    inferred = ("random scale 0.5-2.0 and flip: CIRKD's dataset/cityscapes.py augmentation as segkd reads it",
+                "CIRKD's auxiliary _FCNHead is C/4 = 64 channels wide (segkd's: 256, semseg's)")
     return Recipe("cirkd_cityscapes_r18", "CIRKD's setting, Cityscapes 512x1024, DeepLabV3-R101 -> R18, 8 GPUs x 2",
                   s, 16, 8, {"teacher": 78.07, "none": 74.21, "kd": None, "cwd": 75.55, "skd": 75.42,
                              "ifvd": 75.59, "cirkd": 76.38}, "winycg/CIRKD README.md at commit 2d8ad0f (val)",
@@ -310,14 +328,16 @@ def resolved_settings(recipe, processes=None, batch_given=False):
     return settings
 
 
-def paper_rows(recipe, method):
-    """[(label, figure)] of the recipe's source for the closing table: teacher, student alone and `method`."""
-    rows = []
-    for key, label in (("teacher", "teacher (paper)"), ("none", "student alone (paper)"),
-                       (method, f"{method} (paper)")):
-        if key in recipe.paper and recipe.paper[key] is not None and (key != method or method != "none"):
-            rows.append((label, recipe.paper[key]))
-    return rows
+def paper_rows(recipe, method, cfg=None):
+    """[(label, figure)] of the recipe's source for the closing table: teacher, student alone and `method`; none
+    when `cfg` trains other models or data than the recipe's (the figures would be beside the wrong models)."""
+    if cfg is not None and any(recipe.settings.get(k) not in (None, v) for k, v in (
+            ("teacher", cfg.model.teacher), ("student", cfg.model.student), ("dataset", cfg.data.dataset))):
+        return []
+    keys = [("teacher", "teacher (paper)"), ("none", "student alone (paper)")]
+    if method not in ("teacher", "none"):
+        keys.append((method, f"{method} (paper)"))
+    return [(label, recipe.paper[key]) for key, label in keys if recipe.paper.get(key) is not None]
 
 
 def dry_run_text(cfg):
@@ -327,8 +347,9 @@ def dry_run_text(cfg):
 
     from engine.config import SECTIONS
 
+    batch = cfg.method.gen_batch if cfg.method.method == "dfad" else cfg.data.batch_size
     lines = [f"segkd dry run: {cfg.method.method} on {cfg.data.dataset}, student {cfg.model.student}, teacher "
-             f"{cfg.model.teacher}, {cfg.data.batch_size} images x {world_size()} process(es) an iteration"
+             f"{cfg.model.teacher}, {batch} images x {world_size()} process(es) an iteration"
              + (f", recipe {cfg.run.recipe}" if cfg.run.recipe else "")]
     for section, klass in SECTIONS.items():
         lines.append(f"  [{section}]")

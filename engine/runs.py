@@ -254,7 +254,7 @@ def summary(cfg, result, baseline):
 
         recipe = get_recipe(cfg.run.recipe)
         archs = {"teacher": cfg.model.teacher, "none": cfg.model.student}
-        for label, figure in paper_rows(recipe, cfg.method.method):
+        for label, figure in paper_rows(recipe, cfg.method.method, cfg):
             arch = archs["teacher"] if label.startswith("teacher") else archs["none"]
             rows.append(("paper", label, arch, figure / 100, recipe.paper_source))
     w = max(len(r[1]) for r in rows)

@@ -27,7 +27,8 @@ from engine.trainer import Trainer  # noqa: E402
 def main(argv=None):
     cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
     if cfg.run.recipe == "list":
-        print("\n".join(RECIPES))
+        if os.environ.get("RANK", "0") == "0":
+            print("\n".join(RECIPES))
         return None
     names = parse_method(cfg.method.method)
     if cfg.run.dry_run:  # nothing is built, read or written

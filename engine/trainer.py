@@ -22,7 +22,7 @@ from engine.data import build_dataset, build_train_loader, build_val_loader
 from engine.evaluate import evaluate, format_iou
 from engine.memory_format import resolve_channels_last
 from engine.meter import TermMeter
-from engine.methods import SourceContext, build_method, method_brings_inputs, method_needs_teacher, parse_method
+from engine.methods import SourceContext, build_method, method_needs_teacher, parse_method
 from engine.models import build_model, load_pretrained_backbone
 from engine.precision import resolve_precision
 from engine.prefetch import DevicePrefetcher
@@ -81,9 +81,6 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         self.student = self.distiller.student
         # built before the step's teacher forward: a source may score images with the bare teacher
-        if method_brings_inputs(cfg.method.method) and cfg.model.aux_weight:
-            raise ValueError(f"--aux-weight {cfg.model.aux_weight}: --method {cfg.method.method} trains without "
-                             "labels, so the auxiliary head would have nothing to learn from (give --aux-weight 0)")
         self.source = method.train_source(SourceContext(cfg, env, self.teacher, self.student, self.out, self.echo,
                                                         self.dtype, cache_dir(cfg)))
         self.step = TrainStep.build(self.distiller, self.teacher, dev, optim=cfg.optim, dtype=self.dtype,

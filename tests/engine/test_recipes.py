@@ -48,9 +48,13 @@ def test_global_batch_is_split_over_the_processes(monkeypatch):
 
 
 def test_epochs_become_the_codes_iterations():
-    # APD's Cityscapes config: 200 epochs of 2975 images in batches of 8, the last incomplete one dropped
+    # APD's Cityscapes config: 200 epochs of 2975 images over 4 ranks (DistributedSampler: ceil(2975 / 4) = 744
+    # each) in batches of 2, the last incomplete one dropped: 372 an epoch (not floor(2975 / 8) = 371)
+    assert recipes.epochs_to_iters(200, 2975, 8, gpus=4) == 200 * 372
     assert recipes.epochs_to_iters(200, 2975, 8) == 200 * 371
-    assert get_recipe("apd_cityscapes_r18").settings["iters"] == 74200
+    assert get_recipe("apd_cityscapes_r18").settings["iters"] == 74400
+    assert get_recipe("apd_ade20k_r18").settings["iters"] == 100 * 2526
+    assert get_recipe("apd_context_r18").settings["iters"] == 100 * 416
     assert get_recipe("dfad_camvid").settings["iters"] == 300 * 50 * 5  # epochs x epoch_itrs x 5 student steps
 
 
@@ -133,6 +137,26 @@ def test_every_recipe_trains_a_few_iterations_on_tiny_models(name, tiny_teacher,
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     terms = set(next(r for r in records if r["kind"] == "train")["terms"])
     assert ("aux" in terms) == (recipe.settings.get("aux_weight", 0) > 0)
-    out = capsys.readouterr().out
-    for label, figure in recipes.paper_rows(recipe, method):
-        assert label in out and f"{figure:5.1f}" in out
+    assert "(paper)" not in capsys.readouterr().out  # other models than the recipe's: no figures beside them
+
+
+def test_paper_rows_and_the_closing_table():
+    """The closing table prints the source's teacher, student-alone and method figures beside ours, for the
+    recipe's own models and data only."""
+    from engine.runs import summary
+
+    recipe = get_recipe("cirkd_cityscapes_r18")
+    assert recipes.paper_rows(recipe, "cwd") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21),
+                                                 ("cwd (paper)", 75.55)]
+    assert recipes.paper_rows(recipe, "none") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21)]
+    assert recipes.paper_rows(recipe, "kd") == recipes.paper_rows(recipe, "none")  # no kd figure in CIRKD's table
+    assert recipes.paper_rows(get_recipe("apd_ade20k_r18"), "none") == [("student alone (paper)", 37.19)]
+    cfg = parse_config(["--recipe", "cirkd_cityscapes_r18", "--method", "cwd", "--crop", "64"])
+    result = {"miou": 0.5, "class_names": ["c"] * 19, "run_dir": "r", "teacher": cfg.model.teacher,
+              "teacher_miou": 0.6}
+    text = summary(cfg, result, None)
+    for label, figure in recipes.paper_rows(recipe, "cwd"):
+        line = next(line for line in text.splitlines() if label in line)
+        assert f"{figure:5.1f}" in line
+    cfg.model.student = "pspnet_tiny"
+    assert recipes.paper_rows(recipe, "cwd", cfg) == [] and "(paper)" not in summary(cfg, result, None)

@@ -346,6 +346,10 @@ def test_val_resize_long_side_scores_at_the_labels_size(tmp_path):
         logits = torch.nn.functional.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
         cm.update(logits.argmax(1), torch.from_numpy(label.astype(np.int64))[None])
     assert result["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-6)
+    from engine.evaluate import main as evaluate_main  # re-scored standalone: the checkpoint's resizing by default
+
+    again = evaluate_main(["--ckpt", str(tmp_path / "t" / "last.pt"), "--workers", "0", "--device", "cpu"])
+    assert again["miou"] == pytest.approx(result["miou"], abs=1e-6)
 
 
 def test_settings_added_later_keep_the_cache_keys_at_their_defaults():
