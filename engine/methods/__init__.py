@@ -13,6 +13,7 @@ from engine.methods.angular import CAD, LAD, PAD
 from engine.methods.apd import APD
 from engine.methods.base import (POSITIONS, Method, NoDistillation, SharedSettings, SourceContext, TrainSource,
                                  segmentation_ce)
+from engine.methods.cirkd import CIRKD
 from engine.methods.cwd import CWD
 from engine.methods.dfad import DFAD
 from engine.methods.dfss import DFSS
@@ -37,6 +38,7 @@ METHODS = {
     "adv": Adversarial,
     "ifvd": IFVD,
     "skd": SKD,
+    "cirkd": CIRKD,
 }
 
 

@@ -150,6 +150,7 @@ def test_paper_rows_and_the_closing_table():
                                                  ("cwd (paper)", 75.55)]
     assert recipes.paper_rows(recipe, "none") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21)]
     assert recipes.paper_rows(recipe, "kd") == recipes.paper_rows(recipe, "none")  # no kd figure in CIRKD's table
+    assert recipes.paper_rows(recipe, "kd+cirkd")[-1] == ("kd+cirkd (paper)", 76.38)
     assert recipes.paper_rows(get_recipe("apd_ade20k_r18"), "none") == [("student alone (paper)", 37.19)]
     cfg = parse_config(["--recipe", "cirkd_cityscapes_r18", "--method", "cwd", "--crop", "64"])
     result = {"miou": 0.5, "class_names": ["c"] * 19, "run_dir": "r", "teacher": cfg.model.teacher,

@@ -65,7 +65,9 @@ def test_terms_finite_and_gradients_reach_student_and_method(name):
         assert all(p.grad.abs().sum() > 0 for p in trainable), f"{name}: a method parameter got a zero gradient"
 
 
-@pytest.mark.parametrize("name", [n for n in DISTILLING if n != "adv"])  # adv: a critic's score, not a distance
+# adv: a critic's score, not a distance; cirkd: its memory terms compare a projection of the student with the
+# teacher (the projector is not the identity)
+@pytest.mark.parametrize("name", [n for n in DISTILLING if n not in ("adv", "cirkd")])
 def test_zero_when_student_equals_teacher(name):
     torch.manual_seed(0)
     m = build_method(MethodConfig(method=name), S_CH, S_CH, K)  # equal channels: no connector
