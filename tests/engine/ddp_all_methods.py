@@ -6,6 +6,7 @@ agree after training only if DDP averaged the gradients (and the data-free sourc
 Rank 0 writes WORKDIR/ddp_methods.json: {method: {"max_rank_difference": float, "loss": float, ...}}.
 """
 import dataclasses
+import gc
 import json
 import sys
 from pathlib import Path
@@ -36,10 +37,14 @@ def config(work, method, teacher, aux):
 def main(work, teacher, aux):
     env = init_distributed("cpu")
     methods = [m for m in METHODS if m != "none"] + ["none", "cad+kd", "dfss+cad"]
-    report = {}
+    report, done = {}, []
     try:
         for method in methods:
+            # Trainers (and their DDP reducers) are kept until every rank has finished every method and are then
+            # freed together between barriers: a reducer collected by the GC at a different moment on each rank
+            # is the suspect of the intermittent "terminate called without an active exception" seen here
             trainer = Trainer(config(work, method, teacher, aux), env, echo=lambda *a, **k: None)
+            done.append(trainer)
             trainer.pictures = lambda *a, **k: None  # plotting is tested elsewhere; it costs seconds here
             first = next(trainer.batches(0))["image"].sum().reshape(1)  # this rank's first batch
             firsts = [torch.empty_like(first) for _ in range(env.world_size)]
@@ -69,6 +74,11 @@ def main(work, teacher, aux):
             }
         if env.is_main:
             (Path(work) / "ddp_methods.json").write_text(json.dumps(report, indent=2))
+        tdist.barrier()
+        del trainer
+        done.clear()
+        gc.collect()
+        tdist.barrier()
     finally:
         cleanup()
 

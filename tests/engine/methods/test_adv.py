@@ -1,6 +1,7 @@
 """`adv`: the discriminator's loss and the student's term against a plain re-implementation of the reference
 code (CIRKD losses/adv.py + utils/sagan.py, TorchDistiller's CriterionAdditionalGP), the gradient routes under
 one backward of the summed terms, and CLI runs with an exact resume of D and its Adam."""
+import json
 import math
 from typing import NamedTuple
 
@@ -192,14 +193,18 @@ def teacher(tmp_path_factory):
     return str(tmp / "t" / "last.pt")
 
 
-@pytest.mark.parametrize("method", ["adv", "kd+adv"])
+@pytest.mark.parametrize("method", ["adv", "kd+adv", "kd+skd+adv"])
 def test_cli_trains(method, teacher, tmp_path):
+    """adv alone and in sums; kd+skd+adv is SKD's full objective (pixel-wise, pair-wise, holistic)."""
     out = tmp_path / "run"
     result = run(tmp_path, "--method", method, "--teacher-ckpt", teacher, "--iters", "3", "--out", str(out))
     assert 0.0 <= result["miou"] <= 1.0
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["complete"] and ckpt["iteration"] == 3
     assert len(ckpt["method_optimizers"]) == 1 and ckpt["method_optimizers"][0]["state"]  # D's Adam stepped
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    terms = set(next(r for r in records if r["kind"] == "train")["terms"])
+    assert {f"{m}/" for m in method.split("+")} <= {t.split("/")[0] + "/" for t in terms}
 
 
 def test_resume_restores_discriminator_and_its_adam(teacher, tmp_path):
