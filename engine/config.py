@@ -159,6 +159,11 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def section_of():
+    """{field name: its section}: every flag's place in a Config (flag names are unique across sections)."""
+    return {f.name: section for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)}
+
+
 def add_flags(parser, sections=SECTIONS):
     """Add one flag per dataclass field, grouped by section."""
     for name, klass in sections.items():
@@ -252,7 +257,7 @@ def parse_config(argv=None, description=None):
     if name and name != "list":
         from engine.recipes import get_recipe, resolved_settings
 
-        sections = {f.name: section for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)}
+        sections = section_of()
         recipe = get_recipe(name)
         batch_flag = "--gen-batch" if recipe.settings.get("method") == "dfad" else "--batch-size"
         given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]

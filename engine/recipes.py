@@ -346,8 +346,9 @@ def dry_run_text(cfg):
     then (with --recipe) its source, the figures it reports, what the user must still give and what is inferred."""
     import dataclasses
 
-    from engine.config import SECTIONS
+    from engine.config import SECTIONS, section_of
 
+    sections = section_of()
     batch = cfg.method.gen_batch if cfg.method.method == "dfad" else cfg.data.batch_size
     lines = [f"segkd dry run: {cfg.method.method} on {cfg.data.dataset}, student {cfg.model.student}, teacher "
              f"{cfg.model.teacher}, {batch} images x {world_size()} process(es) an iteration"
@@ -371,8 +372,8 @@ def dry_run_text(cfg):
         lines.append(f"  reported: {figures} ({recipe.paper_source})" if figures else
                      f"  reported: no figure in the sources read{f' ({recipe.paper_source})' if recipe.paper_source else ''}")
         for flag, what in recipe.needs:
-            given = getattr(cfg.model if flag in ("--teacher-ckpt", "--pretrained-backbone") else
-                            cfg.method if flag == "--aux-data" else cfg.data, flag[2:].replace("-", "_"))
+            name = flag[2:].replace("-", "_")
+            given = getattr(getattr(cfg, sections[name]), name)
             lines.append(f"  needs {flag}: {what}" + (f" (given: {given})" if given else " (NOT GIVEN)"))
         lines += [f"  inferred: {text}" for text in recipe.inferred]
     return "\n".join(lines)

@@ -10,24 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from cli_testing import FAST, run, teacher  # noqa: F401  (fixture)
 from engine.checkpoint import load_checkpoint
 from engine.methods import METHODS, Method
-from engine.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
-
-
-def run(tmp, *args):
-    """main() in-process with a private cache; returns the result dict."""
-    return main([*FAST, "--cache-dir", str(tmp / "cache"), *args])
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    run(tmp, "--method", "none", "--student", "pspnet_small", "--iters", "3", "--out", str(tmp / "t"))
-    return str(tmp / "t" / "last.pt")
 
 
 # Data-free methods train on inputs of their own, without cross-entropy:

@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_testing import run, teacher  # noqa: F401  (fixture)
 from engine.checkpoint import load_checkpoint
 from engine.config import MethodConfig
 from engine.methods import build_method
 from engine.methods.adv import Discriminator, d_input
-from engine.train import main
 
 K = 5
 CH = {"backbone": 8, "decoder": 8, "logits": K}
-FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
 
 
 class Out(NamedTuple):
@@ -182,15 +181,6 @@ def test_small_maps_are_upsampled_to_what_d_can_score(hw, expected):
 
 
 # ---------------------------------------------------------------- through the CLI
-def run(tmp, *args):
-    return main([*FAST, "--cache-dir", str(tmp / "cache"), *args])
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    run(tmp, "--method", "none", "--student", "pspnet_small", "--iters", "3", "--out", str(tmp / "t"))
-    return str(tmp / "t" / "last.pt")
 
 
 @pytest.mark.parametrize("method", ["adv", "kd+adv", "kd+skd+adv"])

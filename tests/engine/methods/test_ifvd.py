@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels._dispatch as dispatch
+from cli_testing import run, teacher  # noqa: F401  (fixture)
 from engine.config import MethodConfig
 from engine.methods import build_method
 from engine.methods.ifvd import class_centre_similarity
-from engine.train import main
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -158,18 +158,6 @@ def test_no_loss_without_labelled_pixels():
     assert loss.item() == 0.0
 
 
-FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
-
-
-def run(tmp, *args):
-    return main([*FAST, "--cache-dir", str(tmp / "cache"), *args])
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    run(tmp, "--method", "none", "--student", "pspnet_small", "--iters", "3", "--out", str(tmp / "t"))
-    return str(tmp / "t" / "last.pt")
 
 
 @pytest.mark.parametrize("spec", ["ifvd", "kd+ifvd"])

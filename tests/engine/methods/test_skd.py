@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli_testing import run, teacher  # noqa: F401  (fixture)
 from engine.config import MethodConfig
 from engine.methods import METHODS, build_method
 from engine.methods.skd import SKD, SKDSettings
-from engine.train import main
 
 
 class Out(NamedTuple):  # the SegOutput contract
@@ -85,15 +85,9 @@ def test_zero_when_the_similarities_agree():
     assert abs(m(s, t, {})["skd/skd"].item()) < 1e-5
 
 
-FAST = ["--crop", "32", "--batch-size", "2", "--workers", "0", "--val-size", "4", "--log-interval", "2"]
-
-
-def test_cli_kd_plus_skd_end_to_end(tmp_path):
-    run = lambda *a: main([*FAST, "--cache-dir", str(tmp_path / "cache"), *a])
-    run("--method", "none", "--student", "pspnet_small", "--iters", "3", "--out", str(tmp_path / "t"))
+def test_cli_kd_plus_skd_end_to_end(teacher, tmp_path):
     out = tmp_path / "run"
-    result = run("--method", "kd+skd", "--teacher-ckpt", str(tmp_path / "t" / "last.pt"), "--iters", "3",
-                 "--out", str(out))
+    result = run(tmp_path, "--method", "kd+skd", "--teacher-ckpt", teacher, "--iters", "3", "--out", str(out))
     assert 0.0 <= result["miou"] <= 1.0
     train = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert train and all(np.isfinite(r["loss"]) for r in train)
