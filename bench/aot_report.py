@@ -40,10 +40,11 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 # importlib: `kernels.pixel_kl` etc. are shadowed by the functions of the same name that kernels/__init__ exports.
-_grad_scale, angular, bn_stat, channel_kl, masked_avg_pool, pixel_kl, prototype = (
+_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype = (
     importlib.import_module(f"kernels.{m}")
-    for m in ("_grad_scale", "angular", "bn_stat", "channel_kl", "masked_avg_pool", "pixel_kl", "prototype"))
-MODULES = (_grad_scale, angular, bn_stat, channel_kl, masked_avg_pool, pixel_kl, prototype)
+    for m in ("_grad_scale", "angular", "bn_stat", "channel_kl", "ifvd", "masked_avg_pool", "pairwise", "pixel_kl",
+              "prototype"))
+MODULES = (_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype)
 importlib.import_module("kernels._dispatch").INTERPRETED = False  # tl.dot dtypes as on a GPU
 
 B, BF16 = 8, torch.bfloat16
@@ -98,6 +99,25 @@ def _bn_stat(c, h, w):
     return run
 
 
+def _pairwise(cs, ct, h, w, channels_last=False):
+    s, t = meta(B, cs, h, w, channels_last=channels_last), meta(B, ct, h, w, channels_last=channels_last)
+
+    def run():
+        _, gss, gst, gtt = pairwise.pairwise_similarity_forward(s, t)
+        pairwise.pairwise_similarity_backward(s, t, gss, gst, gtt, torch.ones((), device="meta"), True, False)
+    return run
+
+
+def _ifvd(cs, ct, h, w, k):
+    fs, ft = meta(B, cs, h, w), meta(B, ct, h, w)
+    lab = torch.empty(B, h, w, dtype=torch.int64, device="meta")
+
+    def run():
+        _, m_s, m_t, centres, counts = ifvd.class_centre_mse_forward(fs, ft, lab, k, 255)
+        ifvd.class_centre_mse_backward(fs, lab, m_s, m_t, centres, counts, torch.ones((), device="meta"), k, 255)
+    return run
+
+
 def _grad_scale_of(c, h, w):
     g = meta(B, c, h, w)
     # The custom op's eager body: calling the op on meta tensors would dispatch to its fake (no launch).
@@ -128,6 +148,9 @@ VARIANTS = [
     ("prototype_kl", "512x64x128 K=19", _prototype_kl(512, 64, 128, 19)),
     ("bn_stat", "2048x64x128", _bn_stat(2048, 64, 128)),
     ("bn_stat", "2048x45x60 (HW=2700)", _bn_stat(2048, 45, 60)),
+    ("pairwise (skd)", "512|2048x32x64 NCHW (pooled 2x2)", _pairwise(512, 2048, 32, 64)),
+    ("pairwise (skd)", "512|2048x32x64 channels-last", _pairwise(512, 2048, 32, 64, channels_last=True)),
+    ("ifvd", "512|512x64x128 K=19", _ifvd(512, 512, 64, 128, 19)),
 ]
 
 

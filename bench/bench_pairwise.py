@@ -21,7 +21,9 @@ CASES = [  # (B, C_s, C_t, h, w): N = h*w; the naive form at N = 8192 needs two 
     (2, 128, 512, 32, 64),
     (1, 128, 512, 64, 128),
 ]
-PROVIDERS = ("naive", "gram")
+# gram: the Gram form in torch (CPU: the custom op's torch path; CUDA: SEGKD_KERNELS=torch, autograd through it);
+# triton: the custom op's Triton path (CUDA only: interpreted on a CPU it measures nothing)
+PROVIDERS = ("naive", "gram", "triton")
 
 
 def _status_bytes(key):
@@ -36,7 +38,12 @@ def _reset_peak_rss():
 
 
 def _case(provider, shape, reps, queue):
+    import os
+
     import torch
+
+    if torch.cuda.is_available():
+        os.environ["SEGKD_KERNELS"] = {"naive": "auto", "gram": "torch", "triton": "triton"}[provider]
 
     from kernels.pairwise import pairwise_similarity_loss, pairwise_similarity_reference
 
@@ -97,10 +104,11 @@ def main(argv=None):
 
     name = device_name()
     rows = []
+    providers = PROVIDERS if torch.cuda.is_available() else PROVIDERS[:2]
     for shape in CASES:
-        res = {p: run_case(p, shape, args.reps) for p in PROVIDERS}
+        res = {p: run_case(p, shape, args.reps) for p in providers}
         b, cs, ct, h, w = shape
-        for p in PROVIDERS:
+        for p in providers:
             fwd, fb, peak, loss = res[p]
             rows.append(f"| {h * w} | {b} | {cs} / {ct} | {p} | {fwd * 1e3:.1f} | {fb * 1e3:.1f} | {peak / 2**20:.0f} | "
                         f"{loss:.6e} |")
@@ -117,8 +125,9 @@ def main(argv=None):
         f"Device: {name}. torch {torch.__version__}, {torch.get_num_threads()} threads. fp32 inputs, post-ReLU "
         "random features; student C_s / teacher C_t channels. `naive` = "
         "`kernels.pairwise.pairwise_similarity_reference` (CIRKD's CriterionStructuralKD after its pooling: two "
-        "[B, N, N] maps); `gram` = `kernels.pairwise_similarity_loss` (three C x C Gram matrices, custom autograd "
-        "Function). Median of "
+        "[B, N, N] maps); `gram` = the Gram form in torch (three C x C Gram matrices; on CPU "
+        "`kernels.pairwise_similarity_loss`'s custom op, on CUDA SEGKD_KERNELS=torch); `triton` (CUDA only) = the "
+        "custom op's Triton kernels. Median of "
         f"{args.reps} runs after a warm-up; forward+backward differentiates the student. Peak memory: growth of the "
         "process's peak resident set (VmHWM, reset after a warm-up run) over its resident size with the inputs "
         "allocated (CPU), a fresh process per row; it includes the allocator's and BLAS's own buffers, so small "

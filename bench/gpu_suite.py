@@ -127,7 +127,9 @@ from kernels import _dispatch  # noqa: E402
 from kernels.angular import MODES, angular_loss_reference  # noqa: E402
 from kernels.bn_stat import bn_stat_distance_reference  # noqa: E402
 from kernels.channel_kl import channel_kl_reference  # noqa: E402
+from kernels.ifvd import class_centre_mse_reference  # noqa: E402
 from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
+from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
 from kernels.prototype import prototype_kl_reference  # noqa: E402
 
@@ -383,6 +385,15 @@ def op_cases(z, device):
         x = torch.randn(2 * b, c_bn, 2 * h, 2 * w, device=device) * 2 + torch.randn(1, c_bn, 1, 1, device=device)
         return [in_layout(x, dt, lay), rand((c_bn,), f32, lay, device), rand((c_bn,), f32, lay, device).abs() + 0.5]
 
+    ph, pw = (h + 1) // 2, (w + 1) // 2  # SKD's max-pool 2x2, ceil mode: the reference's N x N maps stay small
+
+    def skd(dt, lay):
+        return [rand((b, z.dec, ph, pw), dt, lay, device).relu(), rand((b, z.feat, ph, pw), dt, lay, device).relu()]
+
+    def ifvd(dt, lay):
+        f, labels = pool(dt, lay)
+        return [f, rand((b, z.feat, h, w), dt, lay, device), labels]
+
     mask = ", valid mask" if valid is not None else ""
     cases = [
         ("pixel_kl", f"kd logits {b}x{k}x{hw}, T={temp:g}{mask}", pair(k, 3),
@@ -401,6 +412,11 @@ def op_cases(z, device):
          lambda *a: kernels.prototype_kl(*a, 0.1), lambda *a: prototype_kl_reference(*a, 0.1), (0, 2)),
         ("bn_stat_distance", f"BN input {2 * b}x{c_bn}x{2 * h}x{2 * w}", bn_inputs,
          kernels.bn_stat_distance, bn_stat_distance_reference, (0,)),
+        ("pairwise_similarity_loss", f"skd features {b}x{z.dec}|{z.feat}x{ph}x{pw} (pooled 2x2)", skd,
+         kernels.pairwise_similarity_loss, pairwise_similarity_reference, (0,)),
+        ("class_centre_mse", f"ifvd decoder {b}x{z.dec}|{z.feat}x{hw}, K={k}", ifvd,
+         lambda s, t, y: kernels.class_centre_mse(s, t, y, k), lambda s, t, y: class_centre_mse_reference(s, t, y, k),
+         (0,)),
     ]
     return cases
 

@@ -200,31 +200,67 @@ def angular_cityscapes_r18():
 
 
 # ------------------------------------------------------------------------------------------------ CIRKD
+CIRKD_SOURCE = "winycg/CIRKD README.md at commit 2d8ad0f (val)"
+CIRKD_PAPER = {"teacher": 78.07, "none": 74.21}
+CIRKD_NEEDS = (("--data-root", "Cityscapes"),
+               ("--teacher-ckpt", "the trained DeepLabV3-R101 teacher in segkd's layout"),
+               ("--pretrained-backbone", "resnet18-imagenet.pth (deep stem)"))
+CIRKD_INFERRED = ("random scale 0.5-2.0 and flip: CIRKD's dataset/cityscapes.py augmentation as segkd reads it",
+                  "CIRKD's auxiliary _FCNHead is C/4 = 64 channels wide (segkd's: 256, semseg's)")
+
+
+def _cirkd_setting(method):
+    """winycg/CIRKD (commit 2d8ad0f) train_cirkd.py and train_kd.py share these defaults: crop 512x1024, batch-size
+    16 over nproc_per_node 8, max-iterations 40000, lr 0.02, momentum 0.9, weight-decay 1e-4, poly 0.9; `args.aux =
+    True` for a resnet student (CE + 0.4 CE(aux)); --lambda-kd 1 at kd-temperature 1 (segkd's kd defaults) in every
+    script; whole-image validation."""
+    return {"teacher": "deeplabv3_r101d", "student": "deeplabv3_r18d", "dataset": "cityscapes", "crop": (512, 1024),
+            "scale_min": 0.5, "scale_max": 2.0, "rotate": 0.0, "flip": True,
+            "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly", "poly_power": 0.9, "iters": 40000,
+            "aux_weight": 0.4, "head_lr_mult": 1.0, "method": method, "kd_weight": 1.0, "temperature": 1.0,
+            "sliding": False, "val_split": "val"}
+
+
+def _cirkd_recipe(name, method, summary, extra, figure, doc):
+    return Recipe(name, f"{summary}, Cityscapes 512x1024, DeepLabV3-R101 -> R18, 8 GPUs x 2",
+                  {**_cirkd_setting(method), **extra}, 16, 8, {**CIRKD_PAPER, method: figure}, CIRKD_SOURCE,
+                  CIRKD_NEEDS, CIRKD_INFERRED, doc)
+
+
 def cirkd_cityscapes_r18():
     """CIRKD's Cityscapes setting, DeepLabV3-R101 -> DeepLabV3-R18 (Yang et al., CVPR 2022).
 
-    winycg/CIRKD (commit 2d8ad0f) train_cirkd.py / train_kd.py defaults: crop 512x1024, batch-size 16 over
-    nproc_per_node 8 (train_scripts/train_cirkd/citys/deeplabv3_res18.sh), max-iterations 40000, lr 0.02,
-    momentum 0.9, weight-decay 1e-4, poly 0.9; `args.aux = True` for a resnet student (train_cirkd.py and
-    train_baseline.py: CE + 0.4 CE(aux)); lambda-kd 1, kd-temperature 1 (segkd's kd defaults);
-    whole-image validation. README (that commit): teacher 78.07, baseline 74.21, SKD 75.42, IFVD 75.59,
+    winycg/CIRKD (commit 2d8ad0f) train_scripts/train_cirkd/citys/deeplabv3_res18.sh with train_cirkd.py's
+    defaults (see _cirkd_setting). README (that commit): teacher 78.07, baseline 74.21, SKD 75.42, IFVD 75.59,
     CWD 75.55, CIRKD 76.38 (val). The method is `kd+cirkd` (train_cirkd.py: lambda-kd 1 plus the mini-batch and
-    memory terms); `--method kd+skd`, `ifvd`, `cwd` run the table's other rows in the same setting.
+    memory terms, no adversarial term). The SKD and IFVD rows of the table are skd_cityscapes_r18 and
+    ifvd_cityscapes_r18; its CWD row (train_kd.py with CWD on both the feature, 50, and the logits, 3, plus KD
+    and the adversarial term) has no recipe: segkd's cwd is one term, on the logits (cwd_cityscapes_r18).
     """
-    s = {"teacher": "deeplabv3_r101d", "student": "deeplabv3_r18d", "dataset": "cityscapes", "crop": (512, 1024),
-         "scale_min": 0.5, "scale_max": 2.0, "rotate": 0.0, "flip": True,
-         "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly", "poly_power": 0.9, "iters": 40000,
-         "aux_weight": 0.4, "head_lr_mult": 1.0, "method": "kd+cirkd", "kd_weight": 1.0, "temperature": 1.0,
-         "sliding": False, "val_split": "val"}
-    needs = (("--data-root", "Cityscapes"),
-             ("--teacher-ckpt", "the trained DeepLabV3-R101 teacher in segkd's layout"),
-             ("--pretrained-backbone", "resnet18-imagenet.pth (deep stem)"))
-    inferred = ("random scale 0.5-2.0 and flip: CIRKD's dataset/cityscapes.py augmentation as segkd reads it",
-                "CIRKD's auxiliary _FCNHead is C/4 = 64 channels wide (segkd's: 256, semseg's)")
-    return Recipe("cirkd_cityscapes_r18", "CIRKD's setting, Cityscapes 512x1024, DeepLabV3-R101 -> R18, 8 GPUs x 2",
-                  s, 16, 8, {"teacher": 78.07, "none": 74.21, "kd+cirkd": 76.38, "cwd": 75.55, "kd+skd": 75.42,
-                             "ifvd": 75.59}, "winycg/CIRKD README.md at commit 2d8ad0f (val)",
-                  needs, inferred, cirkd_cityscapes_r18.__doc__)
+    return _cirkd_recipe("cirkd_cityscapes_r18", "kd+cirkd", "CIRKD's setting", {}, 76.38,
+                         cirkd_cityscapes_r18.__doc__)
+
+
+def skd_cityscapes_r18():
+    """SKD as CIRKD's table trains it: train_scripts/train_kd/train_skd.sh (commit 2d8ad0f) runs train_kd.py with
+    --lambda-kd 1, --lambda-adv 0.001, --lambda-d 0.1, --lambda-skd 10: CE + aux + KD + the holistic adversarial
+    term (hinge, Adam 4e-4: segkd's adv defaults) + the pair-wise term on the last feature map (segkd's skd
+    defaults: weight 10, 2x2 max-pool). Setting: _cirkd_setting. README (that commit): SKD 75.42 (val).
+    """
+    return _cirkd_recipe("skd_cityscapes_r18", "kd+skd+adv", "SKD as CIRKD trains it",
+                         {"skd_weight": 10.0, "adv_weight": 0.001, "adv_d_weight": 0.1}, 75.42,
+                         skd_cityscapes_r18.__doc__)
+
+
+def ifvd_cityscapes_r18():
+    """IFVD as CIRKD's table trains it: train_scripts/train_kd/train_ifvd.sh (commit 2d8ad0f) runs train_kd.py
+    with --lambda-kd 1.0, --lambda-adv 0.001, --lambda-d 0.1, --lambda-ifv 20: CE + aux + KD + the holistic
+    adversarial term + IFVD on the last feature map (segkd's ifvd default weight, 20). Setting: _cirkd_setting.
+    README (that commit): IFVD 75.59 (val).
+    """
+    return _cirkd_recipe("ifvd_cityscapes_r18", "kd+ifvd+adv", "IFVD as CIRKD trains it",
+                         {"ifvd_weight": 20.0, "adv_weight": 0.001, "adv_d_weight": 0.1}, 75.59,
+                         ifvd_cityscapes_r18.__doc__)
 
 
 # ------------------------------------------------------------------------------------------------ data-free
@@ -302,6 +338,8 @@ RECIPES = {
     "cwd_cityscapes_r18": cwd_cityscapes_r18,
     "angular_cityscapes_r18": angular_cityscapes_r18,
     "cirkd_cityscapes_r18": cirkd_cityscapes_r18,
+    "skd_cityscapes_r18": skd_cityscapes_r18,
+    "ifvd_cityscapes_r18": ifvd_cityscapes_r18,
     "dfad_camvid": dfad_camvid,
     "dfad_nyuv2": dfad_nyuv2,
     "dfss_camvid": dfss_camvid,
@@ -390,6 +428,8 @@ CITES = {
     "cwd_cityscapes_r18": "irfanICMLL/TorchDistiller `SemSeg-distill/options.py`, `exp_cwd.sh`",
     "angular_cityscapes_r18": "the CWD code the paper follows (inferred)",
     "cirkd_cityscapes_r18": "winycg/CIRKD@2d8ad0f `train_cirkd.py`, `train_scripts/train_cirkd/citys/`",
+    "skd_cityscapes_r18": "winycg/CIRKD@2d8ad0f `train_kd.py`, `train_scripts/train_kd/train_skd.sh`",
+    "ifvd_cityscapes_r18": "winycg/CIRKD@2d8ad0f `train_kd.py`, `train_scripts/train_kd/train_ifvd.sh`",
     "dfad_camvid": "VainF/Data-Free-Adversarial-Distillation `DFAD_camvid_deeplab.py`, `dataloader.py`",
     "dfad_nyuv2": "VainF/Data-Free-Adversarial-Distillation `DFAD_nyu_deeplab.py`",
     "dfss_camvid": "the DFSS paper's statements and the DFAD benchmark (inferred)",

@@ -8,10 +8,11 @@ path (see `kernels/_dispatch.py`, which also explains `TRITON_INTERPRET` for run
 from kernels.angular import angular_loss
 from kernels.bn_stat import bn_stat_distance
 from kernels.channel_kl import channel_kl
+from kernels.ifvd import class_centre_mse
 from kernels.masked_avg_pool import masked_avg_pool
 from kernels.pairwise import pairwise_similarity_loss
 from kernels.pixel_kl import pixel_kl
 from kernels.prototype import prototype_kl, prototype_logits
 
 __all__ = ["pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "bn_stat_distance",
-           "prototype_logits", "prototype_kl", "pairwise_similarity_loss"]
+           "prototype_logits", "prototype_kl", "pairwise_similarity_loss", "class_centre_mse"]

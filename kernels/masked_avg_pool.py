@@ -41,6 +41,8 @@ def _masked_avg_pool_fwd_kernel(
     y_ptr,  # [B, HW] integer labels
     sums_ptr,  # [B, S, C, K_PAD] fp32 out: per pixel split, sum of the features of each class
     counts_ptr,  # [B, S, K_PAD] fp32 out: per pixel split, pixels of each class (written by C-block 0)
+    a_ptr,  # [B, HW] fp32 per-pixel weights of the feature sums (read when WEIGHTED)
+    e_ptr,  # [B, HW] fp32 per-pixel values summed per class in place of the counts (read when WEIGHTED)
     C,
     HW,
     K,
@@ -52,6 +54,7 @@ def _masked_avg_pool_fwd_kernel(
     K_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    WEIGHTED: tl.constexpr,  # sums of a_p * f_p and of e_p per class instead of f_p and 1 (class_weighted_sums)
 ):
     cb = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,9 +75,16 @@ def _masked_avg_pool_fwd_kernel(
         # through the strides: contiguous along pixels for NCHW, channels-last read in place
         offs = b * f_sb + c[:, None].to(tl.int64) * f_sc + hw[None, :] * f_sp  # [C_BLOCK, HW_BLOCK]
         f = tl.load(f_ptr + offs, mask=in_c[:, None] & in_hw[None, :], other=0.0)
-        # 0/1 is exact in every dtype, so feeding the dot in the feature's own dtype loses nothing.
-        acc = tl.dot(f.to(DOT_DTYPE), onehot.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        cnt += tl.sum(onehot.to(tl.float32), axis=0)
+        if WEIGHTED:  # fp32 operands: the weights are not exact in 16 bits
+            a = tl.load(a_ptr + b * HW + hw, mask=in_hw, other=0.0)
+            e = tl.load(e_ptr + b * HW + hw, mask=in_hw, other=0.0)
+            oh = tl.where(onehot, 1.0, 0.0)
+            acc = tl.dot(f.to(tl.float32), oh * a[:, None], acc, input_precision=PRECISION)
+            cnt += tl.sum(oh * e[:, None], axis=0)
+        else:
+            # 0/1 is exact in every dtype, so feeding the dot in the feature's own dtype loses nothing.
+            acc = tl.dot(f.to(DOT_DTYPE), onehot.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            cnt += tl.sum(onehot.to(tl.float32), axis=0)
     out = ((b * n_splits + split) * C + c[:, None]) * K_PAD + k[None, :]
     tl.store(sums_ptr + out, acc, mask=in_c[:, None])
     if cb == 0:
@@ -119,8 +129,9 @@ def _tiling(c, k_pad):
     return max(16, min(32, next_pow2(c))), 16
 
 
-def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
-    """Returns (prototypes [B, K, C] fp32, counts [B, K] fp32)."""
+def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
+    """The fused class-sum pass: (sums [B, K, C] fp32, counts [B, K] fp32), or with per-pixel weights a, e [B, HW]:
+    (sum_{p: y=k} a_p f_p, sum_{p: y=k} e_p)."""
     f, f_strides = strided_bchw(feat)  # no copy for NCHW or channels-last
     y = labels.contiguous()
     b, c = f.shape[:2]
@@ -136,12 +147,37 @@ def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
     n_splits = triton.cdiv(hw, chunk)
     sums = empty((b, n_splits, c, k_pad), torch.float32, f.device)
     counts = empty((b, n_splits, k_pad), torch.float32, f.device)
+    weighted = a is not None
+    a, e = (a.float().contiguous(), e.float().contiguous()) if weighted else (sums, sums)  # unread unless weighted
     _masked_avg_pool_fwd_kernel[(n_cb, n_splits, b)](
-        f, y, sums, counts, c, hw, k, int(ignore_index), *f_strides, CHUNK=chunk, C_BLOCK=c_block, HW_BLOCK=hw_block,
-        K_PAD=k_pad, DOT_DTYPE=dot_dtype(f.dtype), PRECISION=DOT_PRECISION, num_warps=8)
-    counts = counts.sum(1)[:, :k].contiguous()  # [B, K]
-    protos = sums.sum(1)[:, :, :k].transpose(1, 2) / counts.clamp_min(1)[..., None]  # [B, K, C]
-    return protos.contiguous(), counts
+        f, y, sums, counts, a, e, c, hw, k, int(ignore_index), *f_strides, CHUNK=chunk, C_BLOCK=c_block,
+        HW_BLOCK=hw_block, K_PAD=k_pad, DOT_DTYPE=dot_dtype(f.dtype), PRECISION=DOT_PRECISION, WEIGHTED=weighted,
+        num_warps=8)
+    return sums.sum(1)[:, :, :k].transpose(1, 2), counts.sum(1)[:, :k].contiguous()  # [B, K, C], [B, K]
+
+
+def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
+    """Returns (prototypes [B, K, C] fp32, counts [B, K] fp32)."""
+    sums, counts = class_sums(feat, labels, num_classes, ignore_index)
+    return (sums / counts.clamp_min(1)[..., None]).contiguous(), counts
+
+
+def class_weighted_sums_reference(feat, labels, num_classes, ignore_index, a, e):
+    """(sum_{p: y_p = k} a_p f_p [B, K, C], sum_{p: y_p = k} e_p [B, K]) in plain torch; a, e: [B, HW]."""
+    b, c = feat.shape[:2]
+    lab = labels.reshape(b, -1).long()
+    inside = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)
+    f = upcast(feat).reshape(b, c, -1)
+    onehot = F.one_hot(torch.where(inside, lab, 0), num_classes).to(f.dtype) * inside[..., None]  # [B, HW, K]
+    return torch.bmm(f * a.to(f.dtype)[:, None], onehot).transpose(1, 2), (onehot * e.to(f.dtype)[..., None]).sum(1)
+
+
+def class_weighted_sums(feat, labels, num_classes, ignore_index, a, e):
+    """Per-class weighted sums of the features and of a per-pixel value (IFVD's backward needs both): fused, one
+    pass over the features in place, when `use_triton` says so; else the torch reference. Not differentiable."""
+    if not use_triton(feat, labels):
+        return class_weighted_sums_reference(feat, labels, num_classes, ignore_index, a, e)
+    return class_sums(feat, labels, num_classes, ignore_index, a, e)
 
 
 def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype, ignore_index, channels_last=False):

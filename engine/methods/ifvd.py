@@ -11,6 +11,9 @@ is the mean feature of its pixels there, and each pixel gets its cosine similari
     cos(x, z) = x.z / (max(|x|, 1e-8) * max(|z|, 1e-8))                         (torch.nn.CosineSimilarity)
     L = CE + ifvd_weight * (1 / (B*h*w)) * sum_{b,p} (M^s_{b,p} - M^t_{b,p})^2   (nn.MSELoss(), every pixel)
 
+The loss is kernels.class_centre_mse (centres, both maps and the MSE: fused on the Triton path, in fp32
+whatever the autocast dtype; the teacher's map is a constant target).
+
 The student's and the teacher's maps each come from their own features, so the channel counts may differ and
 there is no connector; the gradient reaches the student's features both directly and through its centres.
 
@@ -31,45 +34,16 @@ pixel-mean KD unit and adversarial terms), the value behind CIRKD's IFVD baselin
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 import kernels
 from engine.methods.base import Method, labels_at
 from engine.settings import at_least, setting
 
-COS_EPS = 1e-8  # torch.nn.CosineSimilarity's default, as in the reference code
-
-
 @dataclass
 class IFVDSettings:
     ifvd_weight: float = setting(20.0, "ifvd: weight of the MSE between the pixel-to-class-centre cosine maps "
                                        "(CIRKD's lambda_ifv; the IFVD authors' code uses 200)", check=at_least(0))
-
-
-def class_centre_similarity(feat, labels, num_classes, ignore_index=255):
-    """M [B, h, w] fp32: each pixel's cosine similarity to the mean feature of its class in its image (see the
-    module docstring); a pixel labelled outside [0, K) or `ignore_index` is compared with itself.
-
-    feat: [B, C, h, w] (NCHW or channels-last, any float dtype); labels: [B, h, w] integer at feature resolution.
-    The [B, C, h, w] map of centres is never built: the dot products come from one batched matmul of the
-    [B, K, C] centres with the features, gathered at each pixel's label.
-    """
-    b, c = feat.shape[:2]
-    # fp32 throughout, autocast or not (the torch path of the centres is a bmm): the maps differ by small amounts
-    with torch.autocast(feat.device.type, enabled=False):
-        centres, _ = kernels.masked_avg_pool(feat, labels, num_classes, ignore_index)  # [B, K, C] fp32
-        f = feat.float().reshape(b, c, -1)  # [B, C, hw]: a view of fp32 NCHW / channels-last, a copy of 16-bit
-        y = labels.reshape(b, -1)  # [B, hw]
-        valid = (y >= 0) & (y < num_classes) & (y != ignore_index)
-        idx = torch.where(valid, y, 0).long()  # [B, hw]
-        dots = torch.bmm(centres, f).gather(1, idx[:, None])[:, 0]  # [B, K, hw] -> [B, hw]
-        f_norm = torch.linalg.vector_norm(f, dim=1)  # [B, hw]
-        f_den = f_norm.clamp_min(COS_EPS)
-        c_den = torch.linalg.vector_norm(centres, dim=2).clamp_min(COS_EPS).gather(1, idx)  # [B, K] -> [B, hw]
-        self_sim = (f_norm / f_den) ** 2  # cos(f, f): 1, or 0 for an all-zero feature, as the reference
-        sim = torch.where(valid, dots / (f_den * c_den), self_sim)
-    return sim.reshape(b, *feat.shape[2:])
 
 
 class IFVD(Method):
@@ -82,7 +56,5 @@ class IFVD(Method):
         if ft.shape[-2:] != fs.shape[-2:]:  # the reference resizes labels to the student's size for both
             ft = F.interpolate(ft.float(), size=fs.shape[-2:], mode="bilinear", align_corners=False)
         labels = labels_at(batch["label"], fs.shape[-2:])  # [B, h, w]
-        m_s = class_centre_similarity(fs, labels, self.num_classes, self.ignore_index)
-        with torch.no_grad():  # the teacher is frozen: its map is a target
-            m_t = class_centre_similarity(ft, labels, self.num_classes, self.ignore_index)
-        return {"ifvd": self.cfg.ifvd_weight * F.mse_loss(m_s, m_t)}
+        loss = kernels.class_centre_mse(fs, ft.detach(), labels, self.num_classes, self.ignore_index)
+        return {"ifvd": self.cfg.ifvd_weight * loss}

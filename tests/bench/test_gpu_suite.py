@@ -29,7 +29,7 @@ def test_dry_run_writes_every_part(tmp_path):
     # correctness: every fused op, each dtype and layout at least once, all within tolerance
     rows = parts["workload"]["rows"]
     assert {r["op"] for r in rows} == {"pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "prototype_kl",
-                                       "bn_stat_distance"}
+                                       "bn_stat_distance", "pairwise_similarity_loss", "class_centre_mse"}
     assert {(r["dtype"], r["layout"]) for r in rows} == {(d, lay) for d in ("float32", "bfloat16", "float16")
                                                          for lay in ("contiguous", "channels_last")}
     assert all(r["ok"] and r["grad rel err"] <= r["grad bound"] for r in rows)

@@ -146,8 +146,10 @@ def test_paper_rows_and_the_closing_table():
     from engine.runs import summary
 
     recipe = get_recipe("cirkd_cityscapes_r18")
-    assert recipes.paper_rows(recipe, "cwd") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21),
-                                                 ("cwd (paper)", 75.55)]
+    # CIRKD's CWD row trained CWD on feature and logits plus KD and the adversarial term: not segkd's `cwd`
+    assert recipes.paper_rows(recipe, "cwd") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21)]
+    assert recipes.paper_rows(get_recipe("skd_cityscapes_r18"), "kd+skd+adv")[-1] == ("kd+skd+adv (paper)", 75.42)
+    assert recipes.paper_rows(get_recipe("ifvd_cityscapes_r18"), "kd+ifvd+adv")[-1] == ("kd+ifvd+adv (paper)", 75.59)
     assert recipes.paper_rows(recipe, "none") == [("teacher (paper)", 78.07), ("student alone (paper)", 74.21)]
     assert recipes.paper_rows(recipe, "kd") == recipes.paper_rows(recipe, "none")  # no kd figure in CIRKD's table
     assert recipes.paper_rows(recipe, "kd+cirkd")[-1] == ("kd+cirkd (paper)", 76.38)

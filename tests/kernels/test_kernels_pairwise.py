@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-from kernel_testing import DEVICE, GO, randn
+import kernels.pairwise as pairwise
+from kernel_testing import DEVICE, GO, LAYOUT_PAIRS, laid_out, layout_copies, randn
 from kernels import pairwise_similarity_loss
 from kernels.pairwise import pairwise_similarity_gram, pairwise_similarity_reference
 
@@ -31,6 +32,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_s, C_t, h, w): student and teacher widths differ; N = h*w odd, prime, 1; batch 1
 SHAPES = [(2, 19, 21, 5, 7), (1, 11, 150, 9, 13), (1, 171, 19, 3, 5), (2, 21, 21, 4, 4), (3, 7, 5, 1, 1),
           (1, 6, 9, 1, 17)]
+
+
+@pytest.fixture(params=["gram", "triton", "triton-small"])
+def path(request, monkeypatch):
+    """The custom op's torch Gram path (CPU tensors under SEGKD_KERNELS=auto), its Triton path (interpreted on the
+    CPU, buffers poisoned), and the Triton path with the smallest tiles, so small tensors still go through several
+    pixel and channel blocks of every loop."""
+    if request.param == "gram":
+        monkeypatch.setenv("SEGKD_KERNELS", "auto")
+        if DEVICE == "cuda":
+            pytest.skip("CUDA tensors take the Triton path under auto")
+    else:
+        request.getfixturevalue("fused")
+        if request.param == "triton-small":
+            monkeypatch.setattr(pairwise, "GRAM_BLOCKS", (16, 16, 16))
+            monkeypatch.setattr(pairwise, "APPLY_BLOCKS", (16, 16, 16))
+    return request.param
 
 
 def naive64(s, t, go=GO, grad_t=False):
@@ -85,13 +103,13 @@ def check(s, t, go=GO, grad_t=False):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_naive_float64(shape, dtype):
+def test_matches_naive_float64(path, shape, dtype):
     b, cs, ct, h, w = shape
     check(randn(b, cs, h, w, dtype=dtype, scale=3), randn(b, ct, h, w, dtype=dtype, scale=3))
 
 
 @pytest.mark.parametrize("go", [1.0, -2.5])
-def test_teacher_gradient_and_grad_output(go):
+def test_teacher_gradient_and_grad_output(path, go):
     check(randn(2, 19, 5, 7), randn(2, 21, 5, 7), go=go, grad_t=True)
 
 
@@ -110,16 +128,31 @@ def realistic(kind, dtype, b=1, cs=128, ct=512, h=32, w=64, seed=0):
     return s.to(DEVICE, dtype), t.to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("kind", ["random", "near", "same"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_realistic_size_and_cancellation(kind, dtype):
+REALISTIC = [(kind, dtype) for kind in ("random", "near", "same") for dtype in (torch.float32, torch.bfloat16)]
+# Interpreted, the Triton path takes ~30 s at N = 2048: the default run keeps the hardest case (bf16, A_s ~ A_t)
+SLOW_TRITON = [pytest.param(kind, dtype, marks=() if (kind, dtype) == ("near", torch.bfloat16) else pytest.mark.slow)
+               for kind, dtype in REALISTIC]
+
+
+def check_realistic(kind, dtype):
     s, t = realistic(kind, dtype)
     loss = check(s, t, grad_t=True)
     if kind != "random":  # the terms are ~0.7 each; the loss is orders of magnitude below them
         assert loss.item() < 1e-4
 
 
-def test_by_hand():
+@pytest.mark.parametrize("kind, dtype", REALISTIC, ids=str)
+def test_realistic_size_and_cancellation(kind, dtype):
+    """N = 2048, C_s = 128, C_t = 512 on the custom op's torch Gram path (CPU tensors) or Triton (CUDA)."""
+    check_realistic(kind, dtype)
+
+
+@pytest.mark.parametrize("kind, dtype", SLOW_TRITON, ids=str)
+def test_realistic_size_and_cancellation_triton(fused, kind, dtype):
+    check_realistic(kind, dtype)
+
+
+def test_by_hand(path):
     # 2 pixels. Student (C=2): (1, 0) and (0, 3) -> orthogonal, A_s = I. Teacher (C=1): 1 and 2 -> both +1 after
     # normalisation, A_t = all ones. (A_s - A_t)^2 = [[0, 1], [1, 0]]: mean over B*N*N = 4 entries is 1/2.
     s = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).reshape(1, 2, 1, 2)
@@ -130,7 +163,7 @@ def test_by_hand():
     assert pairwise_similarity_loss(s * torch.tensor([5.0, 0.1]), t).item() == pytest.approx(0.5, rel=1e-6)
 
 
-def test_zero_pixel_is_finite_and_matches_autograd():
+def test_zero_pixel_is_finite_and_matches_autograd(path):
     # F.normalize clamps a zero norm at 1e-12: the pixel's F is 0 and its gradient is dL/dF / 1e-12, huge but
     # finite, exactly what autograd gives through F.normalize (as CIRKD runs it).
     s, t = randn(2, 6, 4, 5), randn(2, 9, 4, 5)
@@ -138,7 +171,7 @@ def test_zero_pixel_is_finite_and_matches_autograd():
     check(s, t)
 
 
-def test_forward_only_and_no_grad():
+def test_forward_only_and_no_grad(path):
     s, t = randn(1, 19, 5, 7), randn(1, 21, 5, 7)
     with torch.no_grad():
         loss = pairwise_similarity_loss(s.requires_grad_(), t)
@@ -156,7 +189,7 @@ def test_torch_mode_takes_the_autograd_gram_form(monkeypatch):
     torch.testing.assert_close(sg.grad.double(), ds, rtol=1e-4, atol=1e-9)
 
 
-def test_equal_similarities_give_zero():
+def test_equal_similarities_give_zero(path):
     s = randn(2, 8, 5, 6)
     t = torch.cat([s, torch.zeros_like(s)], dim=1)  # other channel count, the same per-pixel cosines
     assert abs(pairwise_similarity_loss(s, t).item()) < 1e-6
@@ -177,9 +210,12 @@ class LargeTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode", ["auto", "torch"])
-def test_never_allocates_an_n_by_n_tensor(monkeypatch, mode):
-    monkeypatch.setenv("SEGKD_KERNELS", mode)
+@pytest.mark.parametrize("mode", ["auto", "torch", "triton"])
+def test_never_allocates_an_n_by_n_tensor(request, monkeypatch, mode):
+    if mode == "triton":
+        request.getfixturevalue("fused")
+    else:
+        monkeypatch.setenv("SEGKD_KERNELS", mode)
     b, cs, ct, h, w = 1, 6, 10, 12, 12  # N*N = 20736 elements; the largest legitimate tensor is B*C_t*N = 1440
     s, t = randn(b, cs, h, w).requires_grad_(), randn(b, ct, h, w).requires_grad_()
     n = h * w
@@ -192,15 +228,49 @@ def test_never_allocates_an_n_by_n_tensor(monkeypatch, mode):
     assert seen.shapes
 
 
-def test_compiles_through_the_custom_op():
+def test_compiles_through_the_custom_op(path):
     s, t = randn(2, 7, 4, 5), randn(2, 9, 4, 5)
     fn = torch.compile(pairwise_similarity_loss, backend="aot_eager", fullgraph=True)
     sg = s.clone().requires_grad_()
     loss = fn(sg, t)
     loss.backward()
     want, ds, _ = naive64(s, t, go=1.0)
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    torch.testing.assert_close(sg.grad.double(), ds, rtol=1e-4, atol=1e-9)
+    big, gs_scale, _ = bounds(s, t, 1.0)  # the module docstring's bounds, as in check()
+    assert abs(loss.item() - want.item()) <= 16 * EPS32 * big + 1e-5 * abs(want.item())
+    torch.testing.assert_close(sg.grad.double(), ds, rtol=0, atol=16 * EPS32 * gs_scale)
+
+
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids=str)
+def test_layouts_are_read_in_place(fused, layouts):
+    """Channels-last features (the trainer's) and mixed layouts: no copy, the gradient in the input's layout."""
+    s = laid_out(randn(2, 19, 5, 7, scale=3), layouts[0])
+    t = laid_out(randn(2, 21, 5, 7, scale=3), layouts[1])
+    with layout_copies() as copies:
+        check(s, t, grad_t=True)
+    assert not copies, copies
+
+
+def test_views_without_a_pixel_stride(fused):
+    """A cropped map and a dense transposed one: each copied once by strided_bchw, then correct."""
+    s = randn(2, 11, 6, 9, scale=3)[..., 1:8]  # cropped: H and W strides do not merge, copied once
+    t = randn(2, 13, 7, 6, scale=3).transpose(2, 3)  # dense, but H and W do not merge either
+    check(s, t, grad_t=True)
+
+
+def test_triton_and_gram_paths_agree_and_are_deterministic(fused, monkeypatch):
+    s, t = realistic("near", torch.float32, cs=24, ct=40, h=9, w=11)
+    runs = []
+    for _ in range(2):
+        sg = s.clone().requires_grad_()
+        loss = pairwise_similarity_loss(sg, t)
+        loss.backward()
+        runs.append((loss.detach(), sg.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])  # bitwise
+    monkeypatch.setenv("SEGKD_KERNELS", "torch")
+    sg = s.clone().requires_grad_()
+    pairwise_similarity_loss(sg, t).backward()
+    # both within the docstring's bound of the float64 truth, so within twice it of each other
+    torch.testing.assert_close(runs[0][1], sg.grad, rtol=0, atol=32 * EPS32 * bounds(s, t, 1.0)[1])
 
 
 def test_shape_errors():

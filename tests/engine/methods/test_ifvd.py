@@ -15,7 +15,7 @@ import kernels._dispatch as dispatch
 from cli_testing import run, teacher  # noqa: F401  (fixture)
 from engine.config import MethodConfig
 from engine.methods import build_method
-from engine.methods.ifvd import class_centre_similarity
+from kernels.ifvd import class_centre_similarity
 
 ROOT = Path(__file__).resolve().parents[3]
 
