@@ -187,6 +187,24 @@ def cwd_cityscapes_r18():
                   cwd_cityscapes_r18.__doc__)
 
 
+def cwd_kd_adv_cityscapes_r18():
+    """CWD with the pixel-wise and holistic terms, Cityscapes, PSPNet-R101 -> PSPNet-R18: TorchDistiller's
+    second command, `exp_cwd.sh channel kl 3 4 True True False` (SemSeg-distill/README.md: "channel-wise
+    distillation, GAN loss and Pixel-wise distillation"), in cwd_cityscapes_r18's setting.
+
+    KD: networks/kd_model.py `args.lambda_kd * CriterionKD()` with options.py lambda_kd 10, and CriterionKD is
+    KLDivLoss() (mean over every element, T = 1) of the logits: in segkd's per-pixel unit that is kd_weight
+    10 / 19 (the mean over B*C*h*w divides the per-pixel KL by C = 19). Adversarial: options.py --adv-loss-type
+    wgan-gp, lambda_adv 0.001, lambda_d 0.1, lambda_gp 10 (inside lambda_d), lr-d 4e-4 with Adam (0.9, 0.99):
+    segkd's adv settings with --adv-loss wgan-gp. The README gives no figure for this command.
+    """
+    s = {**_cwd_setting("cwd+kd+adv"), "cwd_weight": 3.0, "cwd_temperature": 4.0, "kd_weight": 10.0 / 19,
+         "temperature": 1.0, "adv_loss": "wgan-gp", "adv_weight": 0.001, "adv_d_weight": 0.1, "adv_gp_weight": 10.0,
+         "adv_d_lr": 4e-4}
+    return Recipe("cwd_kd_adv_cityscapes_r18", "CWD + KD + adversarial (wgan-gp), Cityscapes 512x512, PSPNet-R101 -> "
+                  "PSPNet-R18, 1 GPU x 8", s, 8, 1, {}, "", CWD_NEEDS, CWD_INFERRED, cwd_kd_adv_cityscapes_r18.__doc__)
+
+
 def angular_cityscapes_r18():
     """Angular distillation (lad/cad/pad), Cityscapes, PSPNet-R101 -> PSPNet-R18: the paper trains "following"
     CWD, so the setting is cwd_cityscapes_r18's with lambda_ad = lambda_kd = 10 and the KD term in element units
@@ -336,6 +354,7 @@ RECIPES = {
     "apd_ade20k_mbv2": apd_ade20k_mbv2,
     "apd_context_mbv2": apd_context_mbv2,
     "cwd_cityscapes_r18": cwd_cityscapes_r18,
+    "cwd_kd_adv_cityscapes_r18": cwd_kd_adv_cityscapes_r18,
     "angular_cityscapes_r18": angular_cityscapes_r18,
     "cirkd_cityscapes_r18": cirkd_cityscapes_r18,
     "skd_cityscapes_r18": skd_cityscapes_r18,
@@ -426,6 +445,8 @@ CITES = {
     "apd_ade20k_mbv2": "as apd_ade20k_r18 (inferred)",
     "apd_context_mbv2": "as apd_context_r18 (inferred)",
     "cwd_cityscapes_r18": "irfanICMLL/TorchDistiller `SemSeg-distill/options.py`, `exp_cwd.sh`",
+    "cwd_kd_adv_cityscapes_r18": "irfanICMLL/TorchDistiller `SemSeg-distill/README.md` (second command), "
+                                 "`networks/kd_model.py`, `options.py`",
     "angular_cityscapes_r18": "the CWD code the paper follows (inferred)",
     "cirkd_cityscapes_r18": "winycg/CIRKD@2d8ad0f `train_cirkd.py`, `train_scripts/train_cirkd/citys/`",
     "skd_cityscapes_r18": "winycg/CIRKD@2d8ad0f `train_kd.py`, `train_scripts/train_kd/train_skd.sh`",
