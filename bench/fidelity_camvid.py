@@ -61,7 +61,6 @@ METHODS = {
     "apd": ("adaptive perspective distillation", ["--method", "apd"]),
     "cwd": ("channel-wise distillation", ["--method", "cwd"]),
     "cad+kd": ("cad plus per-pixel KD", ["--method", "cad+kd"]),
-    # skd, ifvd and cirkd landed after the run of bench/results/fidelity_camvid_cpu.md (no rows there yet)
     "skd": ("pair-wise similarity distillation (SKD) plus per-pixel KD, CIRKD's setting", ["--method", "kd+skd"]),
     "ifvd": ("intra-class feature variation distillation", ["--method", "ifvd"]),
     "cirkd": ("cross-image relational KD plus per-pixel KD, CIRKD's setting", ["--method", "kd+cirkd"]),

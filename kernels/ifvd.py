@@ -78,8 +78,11 @@ def class_centre_mse_reference(fs, ft, labels, num_classes, ignore_index=255):
 
 
 @triton.jit
-def _similarity(f_ptr, c_ptr, valid, cls, b, offs_p, mp, C, K, sb, sc, sp, BC: tl.constexpr, BP: tl.constexpr):
-    """M [BP] for one pixel block of one network: f [B, C, HW] (strides sb, sc, sp), centres c [B, K, C] fp32."""
+def _similarity(
+        f_ptr,  # [B, C, HW] features, strides (sb, sc, sp)
+        c_ptr,  # [B, K, C] fp32 class centres
+        valid, cls, b, offs_p, mp, C, K, sb, sc, sp, BC: tl.constexpr, BP: tl.constexpr):
+    """M [BP] for one pixel block of one network."""
     dot = tl.zeros((BP,), dtype=tl.float32)
     ff = tl.zeros((BP,), dtype=tl.float32)
     cc = tl.zeros((BP,), dtype=tl.float32)
@@ -97,16 +100,17 @@ def _similarity(f_ptr, c_ptr, valid, cls, b, offs_p, mp, C, K, sb, sc, sp, BC: t
 
 
 @triton.jit
-def _ifvd_fwd_kernel(fs_ptr,  # [B, C_s, HW] student features, strides (ssb, ssc, ssp)
-                     cs_ptr,  # [B, K, C_s] fp32 student centres
-                     ft_ptr,  # [B, C_t, HW] teacher features, strides (stb, stc, stp)
-                     ct_ptr,  # [B, K, C_t] fp32 teacher centres
-                     y_ptr,  # [B, HW] integer labels
-                     ms_ptr,  # [B, HW] fp32 out: M^s
-                     mt_ptr,  # [B, HW] fp32 out: M^t
-                     part_ptr,  # [B, n_blocks] fp32 out: sum over the block of (M^s - M^t)^2
-                     C_s, C_t, HW, K, ignore_index, ssb, ssc, ssp, stb, stc, stp,
-                     BC: tl.constexpr, BP: tl.constexpr):
+def _ifvd_fwd_kernel(
+        fs_ptr,  # [B, C_s, HW] student features, strides (ssb, ssc, ssp)
+        cs_ptr,  # [B, K, C_s] fp32 student centres
+        ft_ptr,  # [B, C_t, HW] teacher features, strides (stb, stc, stp)
+        ct_ptr,  # [B, K, C_t] fp32 teacher centres
+        y_ptr,  # [B, HW] integer labels
+        ms_ptr,  # [B, HW] fp32 out: M^s
+        mt_ptr,  # [B, HW] fp32 out: M^t
+        part_ptr,  # [B, n_blocks] fp32 out: sum over the block of (M^s - M^t)^2
+        C_s, C_t, HW, K, ignore_index, ssb, ssc, ssp, stb, stc, stp,
+        BC: tl.constexpr, BP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs_p = blk.to(tl.int64) * BP + tl.arange(0, BP)
@@ -123,16 +127,17 @@ def _ifvd_fwd_kernel(fs_ptr,  # [B, C_s, HW] student features, strides (ssb, ssc
 
 
 @triton.jit
-def _ifvd_bwd_kernel(f_ptr,  # [B, C, HW] student features, strides (sb, sc, sp)
-                     c_ptr,  # [B, K, C] fp32 student centres
-                     gc_ptr,  # [B, K, C] fp32: dL/dc_k / max(n_k, 1)
-                     y_ptr,  # [B, HW] integer labels
-                     w_ptr,  # [B, HW] fp32: w_p (grad_output included)
-                     m_ptr,  # [B, HW] fp32: M^s
-                     zinv_ptr,  # [B, K] fp32: 1 / max(|c_k|, EPS)
-                     g_ptr,  # [B, C, HW] out, the features' dtype and strides: dL/df
-                     C, HW, K, ignore_index, sb, sc, sp,
-                     BC: tl.constexpr, BP: tl.constexpr):
+def _ifvd_bwd_kernel(
+        f_ptr,  # [B, C, HW] student features, strides (sb, sc, sp)
+        c_ptr,  # [B, K, C] fp32 student centres
+        gc_ptr,  # [B, K, C] fp32: dL/dc_k / max(n_k, 1)
+        y_ptr,  # [B, HW] integer labels
+        w_ptr,  # [B, HW] fp32: w_p (grad_output included)
+        m_ptr,  # [B, HW] fp32: M^s
+        zinv_ptr,  # [B, K] fp32: 1 / max(|c_k|, EPS)
+        g_ptr,  # [B, C, HW] out, the features' dtype and strides: dL/df
+        C, HW, K, ignore_index, sb, sc, sp,
+        BC: tl.constexpr, BP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
     mp = offs_p < HW

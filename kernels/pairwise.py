@@ -135,13 +135,14 @@ PRECISION = "ieee"
 
 
 @triton.jit
-def _gram_kernel(x_ptr,  # [B, M, N] first operand, any strides (NCHW or channels-last features)
-                 rx_ptr,  # [B, N] fp32: 1 / max(||x||, eps) per pixel
-                 y_ptr,  # [B, P, N] second operand, any strides
-                 ry_ptr,  # [B, N] fp32
-                 g_ptr,  # [B, M, P] fp32 out: (X r_x)(Y r_y)^T
-                 M, P, N, sxb, sxm, sxn, syb, syp, syn,
-                 BM: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _gram_kernel(
+        x_ptr,  # [B, M, N] first operand, any strides (NCHW or channels-last features)
+        rx_ptr,  # [B, N] fp32: 1 / max(||x||, eps) per pixel
+        y_ptr,  # [B, P, N] second operand, any strides
+        ry_ptr,  # [B, N] fp32
+        g_ptr,  # [B, M, P] fp32 out: (X r_x)(Y r_y)^T
+        M, P, N, sxb, sxm, sxn, syb, syp, syn,
+        BM: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1).to(tl.int64) * BM + tl.arange(0, BM)
     offs_p = tl.program_id(2).to(tl.int64) * BP + tl.arange(0, BP)
@@ -161,16 +162,17 @@ def _gram_kernel(x_ptr,  # [B, M, N] first operand, any strides (NCHW or channel
 
 
 @triton.jit
-def _gram_apply_kernel(g1_ptr,  # [B, M, C1] fp32 Gram (strides sg1b, sg1m, sg1c: G_st^T is a transposed view)
-                       x1_ptr,  # [B, C1, N] features multiplied by G1, any strides
-                       r1_ptr,  # [B, N] fp32 1 / max(||x1||, eps)
-                       g2_ptr,  # [B, M, C2] fp32 Gram, subtracted
-                       x2_ptr,  # [B, C2, N] features multiplied by G2
-                       r2_ptr,  # [B, N] fp32
-                       df_ptr,  # [B, M, N] fp32 out: dF = G1 (X1 r1) - G2 (X2 r2)
-                       proj_ptr,  # [B, n_mblocks, N] fp32 out: sum over this block's rows of (X1 r1) * dF
-                       M, C1, C2, N, sg1b, sg1m, sg1c, s1b, s1c, s1n, sg2b, sg2m, sg2c, s2b, s2c, s2n,
-                       BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
+def _gram_apply_kernel(
+        g1_ptr,  # [B, M, C1] fp32 Gram (strides sg1b, sg1m, sg1c: G_st^T is a transposed view)
+        x1_ptr,  # [B, C1, N] features multiplied by G1, any strides
+        r1_ptr,  # [B, N] fp32 1 / max(||x1||, eps)
+        g2_ptr,  # [B, M, C2] fp32 Gram, subtracted
+        x2_ptr,  # [B, C2, N] features multiplied by G2
+        r2_ptr,  # [B, N] fp32
+        df_ptr,  # [B, M, N] fp32 out: dF = G1 (X1 r1) - G2 (X2 r2)
+        proj_ptr,  # [B, n_mblocks, N] fp32 out: sum over this block's rows of (X1 r1) * dF
+        M, C1, C2, N, sg1b, sg1m, sg1c, s1b, s1c, s1n, sg2b, sg2m, sg2c, s2b, s2c, s2n,
+        BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
     """Rows of dF are channels of the operand X1 (M == C1): dF for the student is G_ss F_s - G_st F_t."""
     b = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1).to(tl.int64)
@@ -204,14 +206,15 @@ def _gram_apply_kernel(g1_ptr,  # [B, M, C1] fp32 Gram (strides sg1b, sg1m, sg1c
 
 
 @triton.jit
-def _unnormalise_kernel(x_ptr,  # [B, C, N] features, any strides
-                        r_ptr,  # [B, N] fp32 1 / max(||x||, eps)
-                        df_ptr,  # [B, C, N] fp32 dL/dF without the scale
-                        proj_ptr,  # [B, N] fp32 <F, dF>_C, 0 where ||x|| <= eps (a clamped norm is a constant)
-                        scale_ptr,  # [] fp32: grad_output * 4 / (B N^2)
-                        dx_ptr,  # [B, C, N] out, x's dtype and strides
-                        C, N, sxb, sxc, sxn,
-                        BC: tl.constexpr, BN: tl.constexpr):
+def _unnormalise_kernel(
+        x_ptr,  # [B, C, N] features, any strides
+        r_ptr,  # [B, N] fp32 1 / max(||x||, eps)
+        df_ptr,  # [B, C, N] fp32 dL/dF without the scale
+        proj_ptr,  # [B, N] fp32 <F, dF>_C, 0 where ||x|| <= eps (a clamped norm is a constant)
+        scale_ptr,  # [] fp32: grad_output * 4 / (B N^2)
+        dx_ptr,  # [B, C, N] out, x's dtype and strides
+        C, N, sxb, sxc, sxn,
+        BC: tl.constexpr, BN: tl.constexpr):
     """dL/dx = scale * (dF - F <F, dF>_C) / max(||x||, eps), F = x r."""
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)

@@ -41,6 +41,14 @@ seeded: a generator seeded with (a seed drawn from the global RNG at constructio
 the number of forwards so far (a buffer, so a resume continues the same stream). With the gathered batch and the same
 stream, every rank writes the same entries: the queues stay identical across ranks with no broadcast. No host
 sync: the loop is over the gathered images (B * world size), each step a few tensor ops over all K classes.
+
+Costs (arithmetic from the shapes, not measured on a GPU). L_mb's [B, B, N, N] maps grow with the square of
+the per-process batch and of N: at the recipe's 2 images per process and 512x1024 crops (N = 64 * 128 = 8192)
+each fp32 map is 2 * 2 * 8192^2 * 4 B = 1.07 GB, and the student's and the teacher's maps with their
+softmaxes are at least four of them at once (over 4 GB); 8 images per process would be 16x that. The queues are
+K * (M_p + M_r) * C_t * 4 B: 19 * 22000 * 256 * 4 B = 428 MB at the recipe's DeepLabV3 decoder (C_t = 256),
+twice that for a 512-wide one. They are buffers, so every checkpoint carries them (a resume needs them to
+continue exactly).
 """
 from dataclasses import dataclass
 
