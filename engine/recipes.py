@@ -201,8 +201,11 @@ def cwd_kd_adv_cityscapes_r18():
     s = {**_cwd_setting("cwd+kd+adv"), "cwd_weight": 3.0, "cwd_temperature": 4.0, "kd_weight": 10.0 / 19,
          "temperature": 1.0, "adv_loss": "wgan-gp", "adv_weight": 0.001, "adv_d_weight": 0.1, "adv_gp_weight": 10.0,
          "adv_d_lr": 4e-4}
+    inferred = CWD_INFERRED + ("the discriminator's Adam lr: TorchDistiller's train.py poly-decays it with the "
+                               "student's schedule (adjust_learning_rate(args.lr_d, D_solver, step)); segkd keeps "
+                               "it constant at 4e-4, as CIRKD does",)
     return Recipe("cwd_kd_adv_cityscapes_r18", "CWD + KD + adversarial (wgan-gp), Cityscapes 512x512, PSPNet-R101 -> "
-                  "PSPNet-R18, 1 GPU x 8", s, 8, 1, {}, "", CWD_NEEDS, CWD_INFERRED, cwd_kd_adv_cityscapes_r18.__doc__)
+                  "PSPNet-R18, 1 GPU x 8", s, 8, 1, {}, "", CWD_NEEDS, inferred, cwd_kd_adv_cityscapes_r18.__doc__)
 
 
 def angular_cityscapes_r18():

@@ -135,8 +135,8 @@ def _ifvd_bwd_kernel(
         w_ptr,  # [B, HW] fp32: w_p (grad_output included)
         m_ptr,  # [B, HW] fp32: M^s
         zinv_ptr,  # [B, K] fp32: 1 / max(|c_k|, EPS)
-        g_ptr,  # [B, C, HW] out, the features' dtype and strides: dL/df
-        C, HW, K, ignore_index, sb, sc, sp,
+        g_ptr,  # [B, C, HW] out, the features' dtype, strides (gb, gc_, gp): dL/df
+        C, HW, K, ignore_index, sb, sc, sp, gb, gc_, gp,
         BC: tl.constexpr, BP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
@@ -167,7 +167,8 @@ def _ifvd_bwd_kernel(
         z = tl.load(c_ptr + tab, mask=msk & valid[None, :], other=0.0)
         gc = tl.load(gc_ptr + tab, mask=msk & valid[None, :], other=0.0)
         g = k_c[None, :] * z + k_f[None, :] * f + gc
-        tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=msk)
+        tl.store(g_ptr + b * gb + offs_c[:, None] * gc_ + offs_p[None, :] * gp, g.to(g_ptr.dtype.element_ty),
+                 mask=msk)
 
 
 def _blocks(c):
@@ -210,8 +211,8 @@ def class_centre_mse_backward(fs, labels, m_s, m_t, cs, counts, grad_loss, num_c
     g = empty_like(fs)
     bc, bp = _blocks(c)
     _ifvd_bwd_kernel[(b, triton.cdiv(hw, bp))](fs_, cs, gc.contiguous(), y, w, m_s, zinv.contiguous(), g, c, hw,
-                                               num_classes, ignore_index, *strided_bchw(g)[1], BC=bc, BP=bp,
-                                               num_warps=4)
+                                               num_classes, ignore_index, *strides, *strided_bchw(g)[1], BC=bc,
+                                               BP=bp, num_warps=4)
     return g
 
 

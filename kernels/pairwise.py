@@ -108,7 +108,8 @@ def _through_normalisation(x, f, norm, g_f):
     """dL/dx from dL/dF for F = x / max(||x||, eps): [B, C, N] each, norm [B, 1, N]."""
     proj = (f * g_f).sum(dim=1, keepdim=True)  # [B, 1, N]
     proj = torch.where(norm > NORM_EPS, proj, torch.zeros_like(proj))  # a clamped norm is a constant
-    return ((g_f - f * proj) / norm).reshape(x.shape).to(x.dtype)
+    out = empty_like(x, poison=False)  # the layout the Triton path and the fake registration give
+    return out.copy_(((g_f - f * proj) / norm).reshape(x.shape))
 
 
 def _torch_backward(s, t, gss, gst, gtt, grad_loss, need_s, need_t):
@@ -212,8 +213,8 @@ def _unnormalise_kernel(
         df_ptr,  # [B, C, N] fp32 dL/dF without the scale
         proj_ptr,  # [B, N] fp32 <F, dF>_C, 0 where ||x|| <= eps (a clamped norm is a constant)
         scale_ptr,  # [] fp32: grad_output * 4 / (B N^2)
-        dx_ptr,  # [B, C, N] out, x's dtype and strides
-        C, N, sxb, sxc, sxn,
+        dx_ptr,  # [B, C, N] out, x's dtype, strides (sdb, sdc, sdn)
+        C, N, sxb, sxc, sxn, sdb, sdc, sdn,
         BC: tl.constexpr, BN: tl.constexpr):
     """dL/dx = scale * (dF - F <F, dF>_C) / max(||x||, eps), F = x r."""
     b = tl.program_id(0).to(tl.int64)
@@ -227,7 +228,8 @@ def _unnormalise_kernel(
     f = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32) * r[None, :]
     df = tl.load(df_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
     dx = (df - f * proj[None, :]) * r[None, :] * tl.load(scale_ptr)
-    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_n[None, :] * sdn, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _inverse_norms(x):
@@ -266,9 +268,9 @@ def _triton_grad(x1, s1, r1, live1, g1, x2, s2, r2, g2, scale):
         g1, x1, r1, g2, x2, r2, df, proj, c1, c1, c2, n, *g1.stride(), *s1, *g2.stride(), *s2,
         BM=bm, BN=bn, BC=bc, PRECISION=PRECISION, num_warps=8)
     proj = torch.where(live1, proj.sum(dim=1), 0.0)  # fixed order over the row blocks: deterministic
-    dx = empty_like(x1)
+    dx = empty_like(x1)  # x1's layout when dense; NCHW for a non-dense view (its own strides, not x1's)
     _unnormalise_kernel[(b, triton.cdiv(c1, bm), triton.cdiv(n, bn))](
-        x1, r1, df, proj, scale, dx, c1, n, *s1, BC=bm, BN=bn, num_warps=4)
+        x1, r1, df, proj, scale, dx, c1, n, *s1, *strided_bchw(dx)[1], BC=bm, BN=bn, num_warps=4)
     return dx
 
 
@@ -323,7 +325,8 @@ def _pairwise_backward_op(s: torch.Tensor, t: torch.Tensor, gss: torch.Tensor, g
 
 @_pairwise_backward_op.register_fake
 def _(s, t, gss, gst, gtt, grad_loss, need_s, need_t):
-    return (torch.empty_like(s) if need_s else s.new_empty(0)), (torch.empty_like(t) if need_t else t.new_empty(0))
+    return (empty_like(s, poison=False) if need_s else s.new_empty(0)), \
+        (empty_like(t, poison=False) if need_t else t.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,8 +11,9 @@ Source: winycg/CIRKD (commit dab64db) losses/skd.py, CriterionStructuralKD.forwa
 padding=0, ceil_mode=True) on both features, F.normalize(p=2, dim=1), bmm(F^T, F) for each, then
 `((S_sim_map - T_sim_map)**2).mean()` over [B, N, N], i.e. exactly the normalisation above. train_kd.py
 l. 343-344 applies it to `s_outputs[-1], t_outputs[-1]`, which models/deeplabv3.py (_DeepLabHead.forward)
-returns as `x_feat_after_aspp`: ASPP then the 3x3 conv + BN + ReLU, before dropout and the classifier, i.e.
-this engine's "decoder" feature, the default position here. Weight: scripts/train_kd/train_skd.sh passes
+returns as `x_feat_after_aspp`: ASPP then the 3x3 conv + BN + ReLU and its Dropout(0.1) (`self.block[0:4]`), before
+the classifier, i.e. this engine's "decoder" feature, the default position here (taken before the dropout, as
+for ifvd and apd). Weight: scripts/train_kd/train_skd.sh passes
 `--lambda-skd 10` (as did train_scripts/train_kd/train_skd.sh at commit 2d8ad0f), the default here.
 
 The loss compares N x N similarity maps, so the two channel counts need not agree: no connector. It is
@@ -21,7 +22,8 @@ needed for memory; it is kept as the default because it changes the loss (the pu
 it). Student and teacher features of different spatial sizes: the student's is resized (bilinear) first.
 
 SKD's pixel-wise term is `kd` (CIRKD: --lambda-kd 1 at T = 1), and its adversarial holistic term is a method of
-its own: run `--method kd+skd` for the pixel-wise + pair-wise SKD of CIRKD's tables.
+its own: `--method kd+skd` is the pixel-wise + pair-wise SKD; CIRKD's tables also add `adv` (`--method
+kd+skd+adv`, the recipe skd_cityscapes_r18).
 """
 from dataclasses import dataclass
 

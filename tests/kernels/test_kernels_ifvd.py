@@ -101,6 +101,18 @@ def test_layouts_are_read_in_place(fused, layouts):
     assert s.grad.stride() == fs.stride()  # the gradient takes the student's layout
 
 
+def test_a_channel_slice_is_read_and_written_through_its_own_strides(fused):
+    """fs[:, :k] of a larger map: non-dense but read in place; the gradient buffer has other strides."""
+    big = features(2, 12, 4, 5).requires_grad_()
+    ft = features(2, 9, 4, 5)
+    lab = make_labels(2, 4, 5, 4)
+    (class_centre_mse(big[:, 3:9], ft, lab, 4) * GO).backward()
+    s64 = big.detach()[:, 3:9].double().requires_grad_()
+    (class_centre_mse_reference(s64, ft.double(), lab, 4) * GO).backward()
+    torch.testing.assert_close(big.grad[:, 3:9].double(), s64.grad, rtol=1e-4, atol=1e-5 * s64.grad.abs().max().item())
+    assert torch.count_nonzero(big.grad[:, :3]) == 0 and torch.count_nonzero(big.grad[:, 9:]) == 0
+
+
 def test_all_pixels_ignored_and_single_pixel_classes(fused):
     fs, ft = features(2, 9, 4, 5), features(2, 11, 4, 5)
     lab = torch.full((2, 4, 5), 255, device=DEVICE)

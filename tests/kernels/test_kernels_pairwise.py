@@ -257,6 +257,23 @@ def test_views_without_a_pixel_stride(fused):
     check(s, t, grad_t=True)
 
 
+@pytest.mark.parametrize("grad_t", [False, True])
+def test_a_channel_slice_is_read_and_written_through_its_own_strides(path, grad_t):
+    """x[:, :k] of a larger map: non-dense, yet its H and W merge, so it is read in place (not copied); its
+    gradient buffer is a fresh tensor with other strides, and must be written through those."""
+    big_s, big_t = randn(2, 12, 4, 5, scale=3).requires_grad_(), randn(2, 9, 4, 5, scale=3).requires_grad_(grad_t)
+    loss = pairwise_similarity_loss(big_s[:, :6], big_t[:, 2:7])
+    (loss * GO).backward()
+    want, ds, dt = naive64(big_s[:, :6].detach(), big_t[:, 2:7].detach(), GO, grad_t)
+    big, gs_scale, gt_scale = bounds(big_s[:, :6].detach(), big_t[:, 2:7].detach(), GO)
+    assert abs(loss.item() - want.item()) <= 16 * EPS32 * big + 1e-5 * abs(want.item())
+    torch.testing.assert_close(big_s.grad[:, :6].double(), ds, rtol=0, atol=16 * EPS32 * gs_scale)
+    assert torch.count_nonzero(big_s.grad[:, 6:]) == 0
+    if grad_t:
+        torch.testing.assert_close(big_t.grad[:, 2:7].double(), dt, rtol=0, atol=16 * EPS32 * gt_scale)
+        assert torch.count_nonzero(big_t.grad[:, :2]) == 0 and torch.count_nonzero(big_t.grad[:, 7:]) == 0
+
+
 def test_triton_and_gram_paths_agree_and_are_deterministic(fused, monkeypatch):
     s, t = realistic("near", torch.float32, cs=24, ct=40, h=9, w=11)
     runs = []
