@@ -40,11 +40,12 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 # importlib: `kernels.pixel_kl` etc. are shadowed by the functions of the same name that kernels/__init__ exports.
-_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype = (
+_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype, upsampled_ce = (
     importlib.import_module(f"kernels.{m}")
     for m in ("_grad_scale", "angular", "bn_stat", "channel_kl", "ifvd", "masked_avg_pool", "pairwise", "pixel_kl",
-              "prototype"))
-MODULES = (_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype)
+              "prototype", "upsampled_ce"))
+MODULES = (_grad_scale, angular, bn_stat, channel_kl, ifvd, masked_avg_pool, pairwise, pixel_kl, prototype,
+           upsampled_ce)
 importlib.import_module("kernels._dispatch").INTERPRETED = False  # tl.dot dtypes as on a GPU
 
 B, BF16 = 8, torch.bfloat16
@@ -118,6 +119,16 @@ def _ifvd(cs, ct, h, w, k):
     return run
 
 
+def _upsampled_ce(k, h, w, channels_last=False):
+    x = meta(B, k, h, w, channels_last=channels_last)
+    lab = torch.empty(B, 8 * h, 8 * w, dtype=torch.int64, device="meta")  # labels at the 512x1024 input size
+
+    def run():
+        loss, n_valid = upsampled_ce.upsampled_cross_entropy_forward(x, lab, 255)
+        upsampled_ce.upsampled_cross_entropy_backward(x, lab, n_valid, torch.ones((), device="meta"), 255)
+    return run
+
+
 def _grad_scale_of(c, h, w):
     g = meta(B, c, h, w)
     # The custom op's eager body: calling the op on meta tensors would dispatch to its fake (no launch).
@@ -151,6 +162,9 @@ VARIANTS = [
     ("pairwise (skd)", "512|2048x32x64 NCHW (pooled 2x2)", _pairwise(512, 2048, 32, 64)),
     ("pairwise (skd)", "512|2048x32x64 channels-last", _pairwise(512, 2048, 32, 64, channels_last=True)),
     ("ifvd", "512|512x64x128 K=19", _ifvd(512, 512, 64, 128, 19)),
+    ("upsampled_ce", "K=19 64x128 -> 512x1024 NCHW", _upsampled_ce(19, 64, 128)),
+    ("upsampled_ce", "K=19 64x128 -> 512x1024 channels-last", _upsampled_ce(19, 64, 128, channels_last=True)),
+    ("upsampled_ce", "K=150 64x64 -> 512x512 NCHW", _upsampled_ce(150, 64, 64)),
 ]
 
 

@@ -8,14 +8,13 @@ allocated bytes over the inputs'. Times are medians of a few repetitions after o
     python bench/bench_pairwise.py            # writes bench/results/pairwise_<device>.md
 """
 import argparse
-import multiprocessing as mp
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_memory import in_fresh_process, measure  # noqa: E402
 
 CASES = [  # (B, C_s, C_t, h, w): N = h*w; the naive form at N = 8192 needs two 268 MB maps per image: B = 1
     (2, 128, 512, 32, 64),
@@ -24,17 +23,6 @@ CASES = [  # (B, C_s, C_t, h, w): N = h*w; the naive form at N = 8192 needs two 
 # gram: the Gram form in torch (CPU: the custom op's torch path; CUDA: SEGKD_KERNELS=torch, autograd through it);
 # triton: the custom op's Triton path (CUDA only: interpreted on a CPU it measures nothing)
 PROVIDERS = ("naive", "gram", "triton")
-
-
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak_rss():
-    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to its current size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _case(provider, shape, reps, queue):
@@ -53,44 +41,11 @@ def _case(provider, shape, reps, queue):
     s = torch.randn(b, cs, h, w, device=dev).relu_().requires_grad_()
     t = torch.randn(b, ct, h, w, device=dev).relu_()
     fn = pairwise_similarity_reference if provider == "naive" else pairwise_similarity_loss
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def timed(backward):
-        out = []
-        for _ in range(reps + 1):
-            sync()
-            t0 = time.perf_counter()
-            loss = fn(s, t)
-            if backward:
-                loss.backward()
-            sync()
-            out.append(time.perf_counter() - t0)
-            s.grad = None
-        return statistics.median(out[1:]), loss.item()
-
-    timed(False)  # warm every BLAS / allocator path once before the peak is reset
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    fwd, loss = timed(False)
-    fwd_bwd, _ = timed(True)
-    if dev == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_bytes("VmHWM") - base
-    queue.put((fwd, fwd_bwd, max(peak, 0), loss))
+    queue.put(measure(lambda: fn(s, t), s, reps))
 
 
 def run_case(provider, shape, reps):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_case, args=(provider, shape, reps, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
+    return in_fresh_process(_case, provider, shape, reps)
 
 
 def main(argv=None):

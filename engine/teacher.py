@@ -1,9 +1,10 @@
 """The frozen teacher: loading it from a file, keeping it frozen, and its forward as the training step runs it.
 
 The step's teacher forward has a module of its own because it is the largest single cost of a distillation
-step (a ResNet-101 forward per student step): how it runs (inference mode, autocast, channels-last, compile,
+step (a ResNet-101 forward per student step): how it runs (folded BatchNorm, precision, channels-last, compile,
 a CUDA graph) is decided here and nowhere else.
 """
+import copy
 from pathlib import Path
 
 import torch
@@ -13,7 +14,6 @@ from engine.checkpoint import FORMAT, describe_names, nonfinite_tensors
 from engine.compile import compile_backend
 from engine.errors import first_line
 from engine.models import SegOutput, build_model, without_aux
-from engine.precision import autocast
 
 
 class Frozen(nn.Module):
@@ -66,32 +66,94 @@ def load_teacher(path, arch, num_classes, dataset_name=""):
     return model, arch
 
 
-class TeacherForward:
-    """The frozen teacher's forward as the training step runs it.
+def _conv_bn_pairs(model):
+    """(parent, conv name, bn name) of every BatchNorm2d that directly follows a Conv2d: the next element of an
+    nn.Sequential, or `bnX` beside `convX` in the same module (the torchvision-style blocks of engine/models, whose
+    forward applies bnX to convX's output and nothing between)."""
+    for parent in model.modules():
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            bn = parent._modules[name]
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            if isinstance(parent, nn.Sequential):
+                conv = names[i - 1] if i > 0 else None
+            else:
+                conv = "conv" + name[2:] if name.startswith("bn") else None
+            if conv is not None and isinstance(parent._modules.get(conv), nn.Conv2d):
+                yield parent, conv, name
 
-    - torch.inference_mode: no autograd records, no version counters;
-    - autocast to the step's low precision (bf16, or fp16 with --precision fp16); its weights stay fp32, so
-      evaluation and the data-free methods' differentiable teacher passes see the same model;
-    - optionally channels-last, torch.compile'd, or replayed as a CUDA graph (static input shape).
-    Outputs are cloned out of inference mode: losses may save a teacher tensor for backward (an MSE target,
-    say), which autograd refuses for inference tensors. The clone is at feature resolution (1/64 of the
-    input's pixels), small beside the forward.
+
+def fold_batchnorm(model):
+    """A copy of `model` for inference with every BatchNorm2d that follows a convolution folded into it and
+    replaced by nn.Identity (exact in eval mode, up to rounding):
+
+        W' = W * g,   b' = beta + (b - running_mean) * g,   g = gamma / sqrt(running_var + eps)   (per out channel)
+
+    computed in float64, stored in the conv's dtype. The copy keeps the model's memory format. BatchNorms that
+    follow no convolution stay as they are. `model` itself is untouched (the data-free methods read its BN
+    statistics)."""
+    lean = copy.deepcopy(model).eval()
+    for parent, conv_name, bn_name in list(_conv_bn_pairs(lean)):
+        conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+        g = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(g)
+        with torch.no_grad():
+            w = conv.weight.double() * g.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+            conv.weight.copy_(w.to(conv.weight.dtype))  # copy_: the weight keeps its memory format
+            conv.bias = nn.Parameter((bn.bias.double() + (bias - bn.running_mean.double()) * g).to(conv.weight.dtype),
+                                     requires_grad=False)
+        parent._modules[bn_name] = nn.Identity()
+    return lean
+
+
+def _cast_(model, dtype):
+    """Every floating parameter and buffer of `model` in `dtype`, in place, each keeping its memory format (new
+    Parameter objects rather than Module.to, which cannot swap tensor subclasses such as the traffic model's
+    fake tensors)."""
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point():
+                m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
+class TeacherForward:
+    """The frozen teacher's forward as the training step runs it: a lean inference copy of the teacher.
+
+    - BatchNorm folded into the convolutions (`fold_batchnorm`): at the workload the teacher's BN layers move
+      about 15 GB per step (bench/results/traffic_*.md), a quarter of its forward traffic; the Frozen model itself
+      stays unfolded, for evaluation and for the data-free methods, which read its BN statistics;
+    - its weights held in the step's precision once (bf16 or fp16): no autocast re-cast of every weight per step
+      (autocast's cast cache must stay off for the CUDA graph); the input is cast once, every op then runs in
+      that dtype, as autocast runs a convolution network (fp32: the weights stay fp32, no cast);
+    - torch.no_grad rather than inference mode, so the outputs are ordinary tensors that a loss can save for
+      backward: nothing is cloned (a CUDA graph's static outputs are, as the next replay overwrites them);
+    - optionally channels-last, torch.compile'd (which may fuse the ReLUs and residual adds the folding leaves),
+      or replayed as a CUDA graph (static input shape).
     """
 
     def __init__(self, frozen, device, dtype, channels_last=False, compile_model=False, cuda_graph=False):
         if cuda_graph and device.type != "cuda":
             raise ValueError("--teacher-cuda-graph needs CUDA (it captures the teacher's forward as a CUDA graph)")
-        self.model, self.device, self.dtype = frozen.model, device, dtype
+        self.device, self.dtype = device, dtype
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            frozen.model.to(memory_format=torch.channels_last)  # evaluation and the data-free passes run it too
+        self.model = fold_batchnorm(frozen.model)
+        if dtype is not None:
+            _cast_(self.model, dtype)
         self.run = torch.compile(self.model, backend=compile_backend()) if compile_model else self.model
         self.graph = CudaGraphed(self.run) if cuda_graph else None
 
     def __call__(self, images):
-        # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture
-        with torch.inference_mode(), autocast(self.device, self.dtype, cache_enabled=False):
-            out = self.graph(images) if self.graph is not None else self.run(images)
-        return SegOutput(*(t.clone() for t in out[:3]))  # eval mode: no auxiliary logits
+        if self.dtype is not None:
+            images = images.to(self.dtype)
+        with torch.no_grad():
+            if self.graph is not None:
+                return SegOutput(*(t.clone() for t in self.graph(images)[:3]))  # replay buffers: copied out
+            return SegOutput(*self.run(images)[:3])  # eval mode: no auxiliary logits
 
 
 class CudaGraphed:

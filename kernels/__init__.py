@@ -13,6 +13,8 @@ from kernels.masked_avg_pool import masked_avg_pool
 from kernels.pairwise import pairwise_similarity_loss
 from kernels.pixel_kl import pixel_kl
 from kernels.prototype import prototype_kl, prototype_logits
+from kernels.upsampled_ce import upsampled_cross_entropy
 
 __all__ = ["pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "bn_stat_distance",
-           "prototype_logits", "prototype_kl", "pairwise_similarity_loss", "class_centre_mse"]
+           "prototype_logits", "prototype_kl", "pairwise_similarity_loss", "class_centre_mse",
+           "upsampled_cross_entropy"]

@@ -3,6 +3,14 @@
     L = T^2 * (1/|V|) * sum_{(b,h,w) in V} sum_c p_t * (log p_t - log p_s),   p = softmax(z / T) over C
     dL/dz_s = T * (p_s - p_t) / |V|   on valid pixels, 0 elsewhere
 
+With per-image weights w [B] (DFSS's weighted per-image KD), each image is averaged over its own valid pixels V_b:
+
+    L_w = T^2 * sum_b w_b * (1/|V_b|) * sum_{(h,w) in V_b} sum_c p_t * (log p_t - log p_s)
+    dL_w/dz_s = T * w_b * (p_s - p_t) / |V_b|   on valid pixels of image b, 0 elsewhere
+
+(an image with no valid pixel contributes 0). The weights are constants: a gradient for them is the torch
+reference's.
+
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015); per-pixel form as in
 Liu et al., "Structured Knowledge Distillation for Semantic Segmentation" (CVPR 2019).
 
@@ -22,15 +30,24 @@ from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, strided
 from kernels._grad_scale import scale_grad_
 
 
-def pixel_kl_reference(student, teacher, temperature=1.0, valid=None):
-    """student, teacher: [B, C, H, W] logits; valid: optional bool [B, H, W]. Returns a float32 scalar.
+def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=None):
+    """student, teacher: [B, C, H, W] logits; valid: optional bool [B, H, W]; weights: optional [B].
+    Returns a float32 scalar.
 
-    V is the set of valid pixels (all pixels when `valid` is None); the loss is 0 when V is empty.
+    V is the set of valid pixels (all pixels when `valid` is None); the loss is 0 when V is empty. With
+    `weights`, L_w of the module docstring: the w_b-weighted sum of the per-image means over V_b.
     """
     t = float(temperature)
     log_ps = F.log_softmax(upcast(student) / t, dim=1)  # [B, C, H, W]
     log_pt = F.log_softmax(upcast(teacher) / t, dim=1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)  # [B, H, W]
+    if weights is not None:
+        if valid is None:
+            per_image = kl.mean(dim=(1, 2))  # [B]
+        else:
+            kl = torch.where(valid, kl, torch.zeros_like(kl))
+            per_image = kl.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+        return ((upcast(weights) * per_image).sum() * (t * t)).float()
     if valid is None:
         return (kl.mean() * (t * t)).float()
     kl = torch.where(valid, kl, torch.zeros_like(kl))
@@ -42,7 +59,8 @@ def _pixel_kl_fwd_kernel(
     s_ptr,  # [B, C, HW] student logits, element strides (s_sb, s_sc, s_sp)
     t_ptr,  # [B, C, HW] teacher logits, element strides (t_sb, t_sc, t_sp)
     valid_ptr,  # [B, HW] uint8 valid mask (read only when HAS_VALID)
-    nvalid_ptr,  # [] fp32 number of valid pixels |V|
+    nvalid_ptr,  # [] fp32 number of valid pixels |V| (read unless HAS_WEIGHTS)
+    wscale_ptr,  # [B] fp32 w_b / max(|V_b|, 1) (read only when HAS_WEIGHTS)
     kl_ptr,  # [B, n_hw_blocks] fp32 out: sum of the per-pixel KL over each tile's valid pixels
     g_ptr,  # [B, C, HW] out (student dtype, strides g_s*): dL/dz_s for grad_output = 1 (written when WRITE_GRAD)
     C,
@@ -53,6 +71,7 @@ def _pixel_kl_fwd_kernel(
     inv_temp,
     temp,
     HAS_VALID: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,  # per-image scales w_b / |V_b| instead of the batch's 1 / |V|
     WRITE_GRAD: tl.constexpr,
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
@@ -65,7 +84,10 @@ def _pixel_kl_fwd_kernel(
     pix = in_hw
     if HAS_VALID:
         pix = in_hw & (tl.load(valid_ptr + b * HW + hw, mask=in_hw, other=0) != 0)
-    g_scale = temp / tl.maximum(tl.load(nvalid_ptr), 1.0)
+    if HAS_WEIGHTS:
+        g_scale = temp * tl.load(wscale_ptr + b)
+    else:
+        g_scale = temp / tl.maximum(tl.load(nvalid_ptr), 1.0)
     # Element offsets through each tensor's own strides: NCHW (s_sp = 1) keeps loads contiguous along pixels,
     # channels-last (s_sc = 1) is read in place, as strided tiles, rather than copied.
     s_pix = (b * s_sb + hw * s_sp)[None, :]  # [1, HW_BLOCK]
@@ -135,8 +157,9 @@ def _pixel_kl_fwd_kernel(
     tl.store(kl_ptr + b * tl.num_programs(0) + blk, tl.sum(tl.where(pix, kl, 0.0), axis=0))
 
 
-def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
-    """Launch the fused kernel. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked)."""
+def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=None):
+    """Launch the fused kernel. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked);
+    L_w (the module docstring) when `weights` [B] is given."""
     s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
     t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
@@ -148,6 +171,10 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
     else:
         v = valid.contiguous().view(torch.uint8)
         nvalid = valid.sum().to(torch.float32)  # stays on device: no host sync
+    wscale = nvalid  # never read (HAS_WEIGHTS is False)
+    if weights is not None:
+        n_b = v.view(b, hw).sum(1, dtype=torch.float32) if valid is not None else torch.full_like(nvalid, float(hw))
+        wscale = weights.to(torch.float32) / n_b.clamp_min(1.0)  # [B]: the kernel's per-image scale
 
     c_pad = next_pow2(c)
     one_tile = c_pad <= 256
@@ -161,22 +188,24 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad):
     g = empty_like(student) if write_grad else s.new_empty(0)  # the student's memory format
     g_strides = strided_bchw(g)[1] if write_grad else s_strides
     _pixel_kl_fwd_kernel[(n_blk, b)](
-        s, t, v, nvalid, kl, g if write_grad else s, c, hw, *s_strides, *t_strides, *g_strides,
+        s, t, v, nvalid, wscale, kl, g if write_grad else s, c, hw, *s_strides, *t_strides, *g_strides,
         1.0 / float(temperature), float(temperature),
-        HAS_VALID=valid is not None, WRITE_GRAD=write_grad, C_BLOCK=c_block, HW_BLOCK=hw_block,
-        ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
+        HAS_VALID=valid is not None, HAS_WEIGHTS=weights is not None, WRITE_GRAD=write_grad, C_BLOCK=c_block,
+        HW_BLOCK=hw_block, ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
+    if weights is not None:
+        return (kl.sum(1) * wscale).sum() * (float(temperature) ** 2), g
     loss = kl.sum() * (float(temperature) ** 2) / nvalid.clamp_min(1.0)
     return loss, g
 
 
 @torch.library.custom_op("segkd::pixel_kl", mutates_args=())
 def _pixel_kl_op(student: torch.Tensor, teacher: torch.Tensor, valid: Optional[torch.Tensor], temperature: float,
-                 write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return pixel_kl_forward(student, teacher, valid, temperature, write_grad)
+                 write_grad: bool, weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights)
 
 
 @_pixel_kl_op.register_fake
-def _(student, teacher, valid, temperature, write_grad):
+def _(student, teacher, valid, temperature, write_grad, weights=None):
     grad = empty_like(student, poison=False) if write_grad else student.new_empty(0)  # as the launcher
     return student.new_empty((), dtype=torch.float32), grad
 
@@ -191,23 +220,30 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     scale_grad_(grad, grad_loss)
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None
 
 
 _pixel_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def pixel_kl(student, teacher, temperature=1.0, valid=None):
+def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
     """Per-pixel KD loss; see the module docstring for the formula and normalisation.
 
-    Runs the fused kernel when `kernels._dispatch.use_triton` says so. A teacher that requires grad
-    (the fused kernel only differentiates the student) takes the torch reference, which is exact.
+    weights: optional [B] per-image weights -> L_w, the weighted sum of per-image means, in one launch (DFSS's
+    weighted KD); without them the loss is the mean over all valid pixels of the batch, as before.
+
+    Runs the fused kernel when `kernels._dispatch.use_triton` says so. A teacher or weights that require grad
+    (the fused kernel only differentiates the student) take the torch reference, which is exact.
     """
     if student.dim() != 4 or student.shape != teacher.shape:
         raise ValueError(f"pixel_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          "must both be [B, C, H, W]")
     if valid is not None and (valid.shape != student.shape[:1] + student.shape[2:] or valid.dtype != torch.bool):
         raise ValueError(f"pixel_kl: valid must be a bool [B, H, W] mask, got {valid.dtype} {tuple(valid.shape)}")
-    if not use_triton(student, teacher) or needs_grad(teacher):
-        return pixel_kl_reference(student, teacher, temperature, valid)
-    return _pixel_kl_op(student, teacher, valid, float(temperature), needs_grad(student))[0]
+    if weights is not None and (weights.shape != student.shape[:1] or not weights.is_floating_point()):
+        raise ValueError(f"pixel_kl: weights must be a floating-point [B] = [{student.shape[0]}] tensor, got "
+                         f"{weights.dtype} {tuple(weights.shape)}")
+    fixed = (teacher,) if weights is None else (teacher, weights)  # what the fused kernel does not differentiate
+    if not use_triton(student, *fixed) or needs_grad(*fixed):
+        return pixel_kl_reference(student, teacher, temperature, valid, weights)
+    return _pixel_kl_op(student, teacher, valid, float(temperature), needs_grad(student), weights)[0]

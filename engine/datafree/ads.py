@@ -1,10 +1,13 @@
 """Approximate Distribution Sampling (DFSS, Sun and Wu 2025): score an unlabelled pool by the teacher's BN
 statistics, keep the images closest to its training distribution; scores cached so a rerun does not rescore.
 
-    score(image) = sum over the chosen BN layers l (--ads-layers) of kernels.bn_stat_distance(input of l)
+    score(image) = sum over the chosen BN layers l (--ads-layers) of
+                   ||mean_hw(x_l) - mu_l||_2 + ||var_hw(x_l) - sigma_l^2||_2     (kernels.bn_stat_distance's d_b)
 
-computed once per pool image in eval mode, in batches, with no look at the teacher's predictions. The
-teacher sees each image as it saw its training data (--ads-view crop, the default): resized to cover the
+with x_l the image's input to layer l and (mu_l, sigma_l^2) its running statistics, computed once per pool
+image in eval mode, in batches, with no look at the teacher's predictions. Each layer's [B] distances are
+computed in its forward hook, so no BN input outlives its layer (bn_hooks.bn_distances). The teacher sees
+each image as it saw its training data (--ads-view crop, the default): resized to cover the
 training crop and centre-cropped to it. BN running statistics are gathered at that input size; deep layers
 (dilated, pyramid pooling) respond to the input's extent, so scoring whole images of another size shifts
 every image's statistics and blurs the ranking (on the synthetic data it drops the precision of the top
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.datafree.bn_hooks import bn_inputs, parse_layers, per_image_distance
+from engine.datafree.bn_hooks import bn_distances, parse_layers
 from engine.datafree.pool import ImagePool
 
 CACHE_VERSION = 1
@@ -124,14 +127,15 @@ def _score_pool(teacher, pool, layers, batch_size, device, workers):
     scores = np.zeros(len(pool), dtype=np.float64)
     was = teacher.training
     teacher.eval()
-    with bn_inputs(teacher) as seen:
+    # Each BN layer's [B] distance is computed in its forward hook; the activations are not kept (bn_distances).
+    with bn_distances(teacher) as rows:
         for batch in loader:
-            seen.clear()
+            rows.clear()
             teacher(batch["image"].to(device))
-            chosen = pick(seen)
+            chosen = pick(rows)                                            # L x [B] float32
             if not chosen:
                 raise ValueError("the teacher has no BatchNorm layers: ADS needs their running statistics")
-            scores[batch["index"].numpy()] = per_image_distance(chosen).double().cpu().numpy()
+            scores[batch["index"].numpy()] = sum(chosen).double().cpu().numpy()
     teacher.train(was)
     return scores
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -194,14 +193,13 @@ def labels_at(labels, size):
 
 
 def segmentation_ce(logits, labels, ignore_index=255):
-    """Pixel-mean cross-entropy of feature-resolution logits upsampled (bilinear) to the label size.
+    """Pixel-mean cross-entropy of feature-resolution logits upsampled (bilinear, align_corners=False) to the label
+    size: mean over the valid pixels (labels in [0, K), not ignore_index); 0 (not NaN) when none is valid.
 
-    Mean over non-ignored pixels; 0 (not NaN) when every pixel is ignored.
+    kernels.upsampled_cross_entropy: on the fused path the full-resolution logits are never built (interpolated on
+    the fly, fp32 whatever the logits' dtype); on the CPU its torch reference, F.interpolate + F.cross_entropy.
     """
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-    return loss / (labels != ignore_index).sum().clamp_min(1)
+    return kernels.upsampled_cross_entropy(logits, labels, ignore_index)
 
 
 class NoDistillation(Method):

@@ -140,7 +140,7 @@ class CIRKD(Method):
         self.register_buffer("region_queue", F.normalize(torch.randn(k, cfg.cirkd_region_memory, c_t), dim=2))
         self.register_buffer("region_ptr", torch.zeros(k, dtype=torch.long))
         self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
-        self.seed = int(torch.randint(0, 2 ** 31, (1,)))
+        self.seed = int(torch.randint(0, 2 ** 31, (1,), device="cpu"))  # the CPU generator whatever the default device
         self._forwards = 0  # host copy of `forwards`: seeding the draws from it needs no sync
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

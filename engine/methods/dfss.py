@@ -61,14 +61,12 @@ class DFSS(Method):
     settings = DFSSSettings
 
     def forward(self, s, t, batch):
-        b = s.logits.shape[0]
-        # kernels.pixel_kl returns a mean over all pixels: one call per image gives the per-image values
-        # (the same pixels in total as one batched call).
-        per_image = torch.stack([kernels.pixel_kl(s.logits[i:i + 1], t.logits[i:i + 1], self.cfg.temperature)
-                                 for i in range(b)])                                       # [B]
+        b, dev = s.logits.shape[0], s.logits.device
         w = batch.get("weight")
-        w = torch.ones(b, device=per_image.device) if w is None else w.to(per_image.device, torch.float32)
-        return {"kd": self.cfg.kd_weight * (wdpd.normalise(w) * per_image).sum()}
+        w = torch.ones(b, device=dev) if w is None else w.to(dev, torch.float32)           # [B]
+        # One launch: pixel_kl's per-image weights give sum_b w_b * KL_b, each KL_b a mean over image b's pixels.
+        kd = kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature, weights=wdpd.normalise(w))
+        return {"kd": self.cfg.kd_weight * kd}
 
     def train_source(self, ctx):
         return PoolSource(ctx)

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from engine.models import SegOutput, build_model
-from engine.teacher import Frozen, TeacherForward
+import torch.nn as nn
+
+from engine.models import MODELS, SegOutput, build_model
+from engine.teacher import Frozen, TeacherForward, fold_batchnorm
 from speed_testing import run, teacher  # noqa: F401  (fixture)
 
 
@@ -18,8 +20,8 @@ def test_teacher_forward_matches_the_model_and_its_outputs_can_be_saved_for_back
     assert isinstance(out, SegOutput) and out.aux is None and want.aux is None  # eval mode: no auxiliary logits
     for w, o in zip(want[:3], out[:3]):
         assert not o.is_inference() and not o.requires_grad
-        if dtype is None:
-            torch.testing.assert_close(o, w, rtol=0, atol=0)
+        if dtype is None:  # folded BatchNorm: the same function, other rounding
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
         else:
             assert o.dtype == dtype
             rel = float((o.float() - w).norm() / w.norm())
@@ -34,3 +36,53 @@ def test_teacher_cuda_graph_needs_cuda(teacher, tmp_path):
     with pytest.raises(ValueError, match="--teacher-cuda-graph needs CUDA"):
         run(tmp_path, "--method", "kd", "--teacher-ckpt", teacher, "--iters", "1", "--teacher-cuda-graph",
             "--out", str(tmp_path / "r"))
+
+
+def randomised_bn(model, seed=0):
+    """Every BatchNorm given non-trivial running statistics and affine parameters (a fresh model's are 0/1, which
+    would hide a fold that forgets the mean, the variance or the shift)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_folded_teacher_equals_the_unfolded_one(name):
+    """Every architecture: all its BatchNorms are folded (none left), the outputs equal the unfolded model's in
+    fp32 within rounding, and the original model is untouched."""
+    torch.manual_seed(0)
+    model = randomised_bn(build_model(name, 7))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lean = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in lean.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        want, got = model(x), lean(x)
+    for w, o in zip(want[:3], got[:3]):
+        scale = w.abs().max().item()
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * scale)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_batchnorm_after_no_convolution_is_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    lean = fold_batchnorm(randomised_bn(model))
+    assert isinstance(lean[2], nn.BatchNorm2d) and isinstance(lean[4], nn.Identity)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_teacher_holds_its_weights_in_the_step_precision():
+    model = build_model("pspnet_tiny", 5)
+    fwd = TeacherForward(Frozen(model), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in fwd.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the Frozen model: fp32, unfolded
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -146,3 +146,91 @@ def test_layouts_are_read_in_place(fused, layout):
     with layout_copies() as copies:
         (pixel_kl(s, t) * GO).backward()
     assert copies == [] and s.grad.stride() == s.stride()
+
+
+# ---------------------------------------------------------------- per-image weights (DFSS's weighted KD in one launch)
+def np_pixel_kl_weighted(s, t, T, w, valid=None):
+    """T^2 * sum_b w_b * mean over image b's valid pixels of KL(p_t || p_s); an image with none contributes 0."""
+    ps, pt = softmax(s / T, 1), softmax(t / T, 1)
+    kl = (pt * (np.log(pt) - np.log(ps))).sum(1)  # [B, H, W]
+    if valid is None:
+        valid = np.ones(kl.shape, bool)
+    per_image = np.where(valid, kl, 0.0).sum((1, 2)) / np.maximum(valid.sum((1, 2)), 1)
+    return T * T * float((w * per_image).sum())
+
+
+def weights_for(b, seed=0):
+    """Fresh positive weights [b] on the test device, not summing to 1, never all equal."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, generator=g) * 2 + 0.1).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 19, 5, 7)], ids=str)
+def test_weights_match_reference(fused, shape, dtype):
+    b, c, h, w = shape
+    s, t = randn(*shape, dtype=dtype, scale=3), randn(*shape, dtype=dtype, scale=3)
+    wts = weights_for(b)
+    compare(lambda s, t, w: pixel_kl(s, t, 2.0, weights=w), lambda s, t, w: pixel_kl_reference(s, t, 2.0, weights=w),
+            [s, t, wts])
+    valid = torch.rand(b, h, w, device=DEVICE) > 0.3
+    valid[0] = False  # an image without a valid pixel contributes 0 and gets a zero gradient
+    (_,), (g,) = compare(lambda s, t, w: pixel_kl(s, t, 1.0, valid, w),
+                         lambda s, t, w: pixel_kl_reference(s, t, 1.0, valid, w), [s, t, wts])
+    assert torch.equal(g[0], torch.zeros_like(g[0]))
+
+
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+def test_weights_layouts_match_reference(fused, layouts):
+    s, t = (laid_out(randn(2, 19, 5, 7, scale=3), lay) for lay in layouts)
+    _, (g,) = compare(lambda s, t, w: pixel_kl(s, t, 2.0, weights=w),
+                      lambda s, t, w: pixel_kl_reference(s, t, 2.0, weights=w), [s, t, weights_for(2)])
+    assert g.stride() == s.stride()
+
+
+def test_weights_grad_output_one_and_forward_only(fused):
+    s, t, w = randn(3, 19, 6, 5), randn(3, 19, 6, 5), weights_for(3)
+    compare(lambda s, t, w: pixel_kl(s, t, 4.0, weights=w), lambda s, t, w: pixel_kl_reference(s, t, 4.0, weights=w),
+            [s, t, w], go=1.0)
+    with torch.no_grad():
+        loss = pixel_kl(s.requires_grad_(), t, 4.0, weights=w)
+    assert loss.grad_fn is None
+    want = pixel_kl_reference(s.double(), t.double(), 4.0, weights=w.double())
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_are_the_sum_of_weighted_single_image_calls(fused):
+    """One launch gives what DFSS computed before with one call per image: sum_b w_b * pixel_kl(image b)."""
+    s, t, w = randn(4, 19, 5, 7, scale=3), randn(4, 19, 5, 7, scale=3), weights_for(4)
+    loop = sum(w[i] * pixel_kl(s[i:i + 1], t[i:i + 1], 2.0) for i in range(4))
+    torch.testing.assert_close(pixel_kl(s, t, 2.0, weights=w), loop, rtol=1e-6, atol=0)
+    uniform = torch.full((4,), 0.25, device=DEVICE)
+    torch.testing.assert_close(pixel_kl(s, t, 2.0, weights=uniform), pixel_kl(s, t, 2.0), rtol=1e-6, atol=0)
+
+
+def test_weights_requiring_grad_take_the_exact_reference(fused):
+    s, t, w = randn(2, 19, 3, 5), randn(2, 19, 3, 5), weights_for(2).requires_grad_()
+    loss = pixel_kl(s, t, 2.0, weights=w)
+    loss.backward()
+    per_image = torch.stack([pixel_kl_reference(s[i:i + 1].double(), t[i:i + 1].double(), 2.0) for i in range(2)])
+    torch.testing.assert_close(w.grad, per_image.float(), rtol=1e-5, atol=0)  # dL/dw_b = KL_b
+
+
+def test_bad_weights_are_named():
+    for bad in (torch.ones(2, device=DEVICE), torch.ones(1, 1, device=DEVICE), torch.ones(1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="weights"):
+            pixel_kl(randn(1, 19, 3, 5), randn(1, 19, 3, 5), weights=bad)
+
+
+@pytest.mark.parametrize("shape", NUMPY_SHAPES)
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_pixel_kl_weighted_random(shape, T):
+    r = RNG(sum(shape) + 1)
+    s, t = r.normal(0, 3, shape), r.normal(0, 3, shape)
+    w = r.random(shape[0]) + 0.1
+    valid = r.random((shape[0],) + shape[2:]) > 0.3
+    got = kernels.pixel_kl(t64(s).float(), t64(t).float(), T, weights=t64(w).float())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(np_pixel_kl_weighted(s, t, T, w), rel=1e-4, abs=1e-6)
+    got_v = kernels.pixel_kl(t64(s).float(), t64(t).float(), T, valid=t64(valid), weights=t64(w).float())
+    assert got_v.item() == pytest.approx(np_pixel_kl_weighted(s, t, T, w, valid), rel=1e-4, abs=1e-6)

@@ -1,4 +1,7 @@
-"""engine/datafree/ads.py: ADS scores (against float64 hooks), in- vs out-of-distribution separation, selection."""
+"""engine/datafree/ads.py: ADS scores (against float64 hooks), in- vs out-of-distribution separation, selection,
+and that scoring frees each BN input as it goes."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +77,22 @@ def test_scoring_leaves_the_random_stream_alone(random_teacher, pool):
     before = torch.get_rng_state()
     ads.score_pool(model, data, "all", 2, "cpu", 0)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_scoring_frees_each_bn_input_before_the_next_bn_layer(random_teacher, pool):
+    """score_pool keeps [B] distances per layer, not the layers' inputs: when a BN layer runs, no earlier BN
+    input of the forward is alive (the former keep-every-input scoring held all of them until the forward ended)."""
+    model, _ = load_teacher(random_teacher, "pspnet_tiny", 8)
+    refs, alive_at_hook = [], []
+
+    def watch(mod, args, out):
+        alive_at_hook.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(args[0]))
+
+    handles = [m.register_forward_hook(watch) for m in bn_layers(model)]
+    try:
+        ads.score_pool(model, ads.scoring_pool(pool, list_images(pool)[:4], "crop", (32, 32), 0), "all", 2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(refs) == 2 * len(bn_layers(model)) and max(alive_at_hook) == 0

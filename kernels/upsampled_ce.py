@@ -1,0 +1,327 @@
+"""Segmentation cross-entropy on logits upsampled to the labels' resolution, without the upsampled logits.
+
+    z = bilinear(x)                       x [B, K, h, w] logits -> z [B, K, H, W], align_corners=False
+    L = 1/|V| * sum_{(b,p) in V} (logsumexp_k z[b, :, p] - z[b, y_bp, p])
+    dL/dx = bilinear^T( (softmax(z) - onehot(y)) * [p in V] / |V| ) * grad_output
+
+i.e. `F.cross_entropy(F.interpolate(x.float(), size=(H, W), mode="bilinear", align_corners=False), y.long(),
+ignore_index=ignore_index)`, the standard segmentation loss (the student's task loss in every KD method). V is the
+set of pixels whose label is in [0, K) and not `ignore_index`: labels outside [0, K) are ignored, as
+masked_avg_pool ignores them (F.cross_entropy would raise instead). The loss is the mean over V, and 0 with a zero
+gradient when V is empty (F.cross_entropy returns NaN then).
+
+Interpolation is PyTorch's align_corners=False rule, per axis with in/out = h/H (w/W):
+src = max((dst + 0.5) * in/out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, in - 1), weights (1 - (src - i0), src - i0);
+z = wy0 * (wx0 x00 + wx1 x01) + wy1 * (wx0 x10 + wx1 x11). It holds for any H, W (not only multiples of h, w;
+H == h is the identity; H < h a 2-tap downsampling).
+
+Fused design. Forward: a program owns a block of output pixels of one image, reads their labels, computes each
+pixel's 4-neighbour stencil and interpolates [K_BLOCK, P_BLOCK] logit tiles on the fly (gathered from the low-res
+logits, NCHW or channels-last, in place through their strides) into an online max / sum-of-exp over K chunks (K =
+150 or 171 loops), picking the target logit in the same pass. It writes one loss sum and one valid count per
+program; these [B, n_blocks] partials are summed afterwards in a fixed order (deterministic, no atomics). Backward
+is a gather, also without atomics: a program owns a [TH, TW] tile of low-res pixels and a K_BLOCK chunk of classes,
+and loops over the output rows and column blocks whose stencil can reach the tile (a contiguous range of each,
+found from the same rule with a margin; rows or columns that do not touch the tile get zero weight). For each
+output row segment it recomputes the log-sum-exp over all K from the logits, forms
+D = (softmax - onehot) * valid * grad_output / |V| for its chunk ([K_BLOCK, OW]), reduces the columns with the
+transposed horizontal weights in one tl.dot ([K_BLOCK, OW] @ [OW, TW]), and adds the result to a [K_BLOCK, TH, TW]
+accumulator with the row's vertical weights. Every low-res gradient element is written once by its owner. Nothing
+of full resolution is ever stored, not even a [B, H, W] log-sum-exp: the backward recomputes it from logits that
+are 1/64 of the output pixels at the workload (and hit the cache), which is cheaper than writing and re-reading a
+16.8 MB fp32 buffer next to the 33.6 MB of labels that both passes must read anyway. The price is compute: each
+output pixel's softmax is recomputed by the ~1.3 tiles its stencil reaches, once per class chunk (1 for K <= 64).
+
+Traffic model (a model, not a measurement: each tensor counted once per kernel that reads or writes it, gathers
+assumed to hit the cache) at the workload B = 8, K = 19, 64x128 bf16 logits -> 512x1024 int64 labels
+(bench/bench_upsampled_ce.py prints it):
+    unfused (.float(), interpolate, log_softmax, nll_loss and their backwards): 1.02 GB forward, 1.64 GB backward,
+        four [8, 19, 512, 1024] fp32 tensors (319 MB each) written across the two;
+    fused: 36 MB forward (labels + logits), 47.5 MB backward (labels and logits re-read by the overlapping tiles,
+        the bf16 gradient written): 3.1% of the unfused bytes, and no full-resolution tensor.
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels._dispatch import (DOT_PRECISION, empty, empty_like, next_pow2, strided_bchw, triton, tl, upcast,
+                               use_triton)
+
+
+def upsampled_cross_entropy_reference(logits, labels, ignore_index=255):
+    """logits [B, K, h, w], labels [B, H, W] integer. The plain-torch formula of the module docstring; returns a
+    float32 scalar (computed in float64 for float64 logits)."""
+    k = logits.shape[1]
+    z = F.interpolate(upcast(logits), size=labels.shape[-2:], mode="bilinear", align_corners=False)  # [B, K, H, W]
+    lab = labels.long()
+    valid = (lab >= 0) & (lab < k) & (lab != ignore_index)  # [B, H, W]
+    total = F.cross_entropy(z, torch.where(valid, lab, ignore_index), ignore_index=ignore_index, reduction="sum")
+    return (total / valid.sum().clamp_min(1)).float()
+
+
+@triton.jit
+def _source(dst, scale, n_in):
+    """PyTorch's align_corners=False source of output index dst: (lower neighbour, upper neighbour, weight of the
+    upper one). dst: int tensor or scalar; scale = in/out."""
+    src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0: truncation is floor
+    i1 = tl.minimum(i0 + 1, n_in - 1)
+    return i0, i1, src - i0.to(tl.float32)
+
+
+@triton.jit
+def _interpolate(
+        x_ptr,  # [B, K, h, w] low-resolution logits, any strides
+        chan, mask, q00, q01, q10, q11, wx, wy):
+    """Bilinear logits [K_BLOCK, P] in fp32: chan [K_BLOCK, 1] channel offsets (batch included), q.. [1, P] pixel
+    offsets of the four neighbours, wx, wy [1, P] weights of the upper neighbours."""
+    x00 = tl.load(x_ptr + chan + q00, mask=mask, other=0.0).to(tl.float32)
+    x01 = tl.load(x_ptr + chan + q01, mask=mask, other=0.0).to(tl.float32)
+    x10 = tl.load(x_ptr + chan + q10, mask=mask, other=0.0).to(tl.float32)
+    x11 = tl.load(x_ptr + chan + q11, mask=mask, other=0.0).to(tl.float32)
+    return (1.0 - wy) * ((1.0 - wx) * x00 + wx * x01) + wy * ((1.0 - wx) * x10 + wx * x11)
+
+
+@triton.jit
+def _upsampled_ce_fwd_kernel(
+    x_ptr,  # [B, K, h*w] logits, element strides (x_sb, x_sc, x_sp)
+    y_ptr,  # [B, H*W] integer labels
+    loss_ptr,  # [B, n_blocks] fp32 out: sum of the per-pixel losses over each block's valid pixels
+    count_ptr,  # [B, n_blocks] fp32 out: valid pixels of each block
+    K, h, w, H, W,
+    ignore_index,
+    x_sb, x_sc, x_sp,
+    scale_h,  # h / H
+    scale_w,  # w / W
+    K_BLOCK: tl.constexpr,
+    P_BLOCK: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = blk.to(tl.int64) * P_BLOCK + tl.arange(0, P_BLOCK)  # [P_BLOCK] output pixels
+    in_p = p < H * W
+    y = tl.load(y_ptr + b * H * W + p, mask=in_p, other=-1).to(tl.int32)
+    valid = in_p & (y >= 0) & (y < K) & (y != ignore_index)
+    y0, y1, wy = _source(p // W, scale_h, h)
+    x0, x1, wx = _source(p % W, scale_w, w)
+    q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, P_BLOCK]
+    q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
+    q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
+    q11 = ((y1 * w + x1).to(tl.int64) * x_sp)[None, :]
+    k_idx = tl.arange(0, K_BLOCK)
+    # Online log-sum-exp over the class chunks (m: running max, s: sum of exp(z - m)) and the target logit.
+    m = tl.full([P_BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([P_BLOCK], tl.float32)
+    z_y = tl.zeros([P_BLOCK], tl.float32)
+    for k0 in range(0, K, K_BLOCK):
+        k = k0 + k_idx
+        in_k = k < K
+        z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
+                         q00, q01, q10, q11, wx[None, :], wy[None, :])  # [K_BLOCK, P_BLOCK]
+        z = tl.where(in_k[:, None], z, -1e30)  # padded classes: finite, so no inf - inf, and exp() = 0
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), axis=0)
+        m = m_new
+        z_y += tl.sum(tl.where(k[:, None] == y[None, :], z, 0.0), axis=0)
+    loss = tl.log(s) + m - z_y  # [P_BLOCK]
+    out = b * tl.num_programs(0) + blk
+    tl.store(loss_ptr + out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(count_ptr + out, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _upsampled_ce_bwd_kernel(
+    x_ptr,  # [B, K, h*w] logits, element strides (x_sb, x_sc, x_sp)
+    y_ptr,  # [B, H*W] integer labels
+    scale_ptr,  # [] fp32: grad_output / max(|V|, 1)
+    g_ptr,  # [B, K, h*w] out (logits' dtype, strides g_sb, g_sc, g_sp): dL/dlogits
+    K, h, w, H, W,
+    ignore_index,
+    x_sb, x_sc, x_sp,
+    g_sb, g_sc, g_sp,
+    scale_h,  # h / H
+    scale_w,  # w / W
+    inv_h,  # H / h
+    inv_w,  # W / w
+    K_BLOCK: tl.constexpr,
+    TH: tl.constexpr,  # low-res rows per tile
+    TW: tl.constexpr,  # low-res columns per tile
+    OW: tl.constexpr,  # output pixels per row segment
+    ONE_CHUNK: tl.constexpr,  # K <= K_BLOCK: the log-sum-exp comes from the chunk's own tile
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kc = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_tw = tl.cdiv(w, TW)
+    i0 = (tile // n_tw) * TH
+    j0 = (tile % n_tw) * TW
+    ti = i0 + tl.arange(0, TH)  # [TH] low-res rows of this tile
+    tj = j0 + tl.arange(0, TW)  # [TW] low-res columns
+    k_idx = tl.arange(0, K_BLOCK)
+    k = kc * K_BLOCK + k_idx  # [K_BLOCK] this program's classes
+    in_k = k < K
+    g_scale = tl.load(scale_ptr)
+    # Output rows whose lower neighbour lies in [i0 - 1, i0 + TH - 1] (those alone can weight the tile): from
+    # src = (o + 0.5) * in/out - 0.5, widened by one on each side against rounding. Likewise the columns.
+    oy_lo = tl.where(i0 >= 2, tl.maximum(tl.floor((i0 - 0.5) * inv_h - 0.5).to(tl.int32) - 1, 0), 0)
+    oy_hi = tl.minimum(tl.ceil((i0 + TH + 0.5) * inv_h - 0.5).to(tl.int32) + 1, H)
+    ox_lo = tl.where(j0 >= 2, tl.maximum(tl.floor((j0 - 0.5) * inv_w - 0.5).to(tl.int32) - 1, 0), 0)
+    ox_hi = tl.minimum(tl.ceil((j0 + TW + 0.5) * inv_w - 0.5).to(tl.int32) + 1, W)
+    acc = tl.zeros([K_BLOCK, TH, TW], tl.float32)
+    for oy in range(oy_lo, oy_hi):
+        y0, y1, wy = _source(tl.zeros([1], tl.int32) + oy, scale_h, h)  # [1] each (oy is a plain int interpreted)
+        w_row = tl.where(ti == y0, 1.0 - wy, 0.0) + tl.where(ti == y1, wy, 0.0)  # [TH] (both when y0 == y1)
+        for ox0 in range(ox_lo, ox_hi, OW):
+            ox = ox0 + tl.arange(0, OW)  # [OW]
+            in_p = ox < ox_hi
+            lab = tl.load(y_ptr + (b * H + oy) * W + ox, mask=in_p, other=-1).to(tl.int32)
+            valid = in_p & (lab >= 0) & (lab < K) & (lab != ignore_index)
+            x0, x1, wx = _source(ox, scale_w, w)
+            q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, OW]
+            q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
+            q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
+            q11 = ((y1 * w + x1).to(tl.int64) * x_sp)[None, :]
+            # log-sum-exp over all K classes at these output pixels, recomputed from the low-res logits
+            if ONE_CHUNK:
+                z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
+                                 q00, q01, q10, q11, wx[None, :], wy[:, None])
+                z = tl.where(in_k[:, None], z, -1e30)
+                m = tl.max(z, axis=0)
+                lse = m + tl.log(tl.sum(tl.exp(z - m[None, :]), axis=0))  # [OW]
+            else:
+                m = tl.full([OW], float("-inf"), tl.float32)
+                s = tl.zeros([OW], tl.float32)
+                for c0 in range(0, K, K_BLOCK):
+                    c = c0 + k_idx
+                    in_c = c < K
+                    zc = _interpolate(x_ptr, b * x_sb + c[:, None].to(tl.int64) * x_sc,
+                                      in_c[:, None] & in_p[None, :], q00, q01, q10, q11, wx[None, :], wy[:, None])
+                    zc = tl.where(in_c[:, None], zc, -1e30)
+                    m_new = tl.maximum(m, tl.max(zc, axis=0))
+                    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zc - m_new[None, :]), axis=0)
+                    m = m_new
+                lse = m + tl.log(s)
+                z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
+                                 q00, q01, q10, q11, wx[None, :], wy[:, None])
+                z = tl.where(in_k[:, None], z, -1e30)
+            prob = tl.exp(z - lse[None, :])  # [K_BLOCK, OW]; 0 for padded classes
+            onehot = tl.where(k[:, None] == lab[None, :], 1.0, 0.0)
+            d = (prob - onehot) * tl.where(valid, g_scale, 0.0)[None, :]  # dL/dz of this chunk
+            # transposed horizontal interpolation: [OW, TW] weights of each output column on the tile's columns
+            w_col = (tl.where(x0[:, None] == tj[None, :], 1.0 - wx[:, None], 0.0)
+                     + tl.where(x1[:, None] == tj[None, :], wx[:, None], 0.0))
+            e = tl.dot(d, w_col, input_precision=PRECISION)  # [K_BLOCK, TW]
+            acc += e[:, None, :] * w_row[None, :, None]
+    pix = (ti[None, :, None] * w + tj[None, None, :]).to(tl.int64)  # [1, TH, TW]
+    offs = b * g_sb + k[:, None, None].to(tl.int64) * g_sc + pix * g_sp
+    mask = in_k[:, None, None] & (ti < h)[None, :, None] & (tj < w)[None, None, :]
+    tl.store(g_ptr + offs, acc.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# Tiling; tests shrink them so that small tensors reach every loop. Forward: [K_BLOCK, P_BLOCK] tiles of ~4K elements.
+# Backward: [TH, TW] low-res tiles (each output pixel's softmax is recomputed by ~(TH + 1.4) (TW + 1.4) / (TH TW)
+# tiles at 8x upsampling), OW output pixels per row segment, classes in chunks of at most BWD_K_BLOCK (one chunk
+# for K <= 64; three for K = 150, each recomputing the log-sum-exp). tl.dot needs K_BLOCK, OW, TW >= 16. On 8 warps
+# for sm_90 at the workload (bench/aot_report.py --only upsampled_ce): forward 75 registers (173 channels-last),
+# backward 168 (K = 19) and 247 (K = 150, its [64, 8, 16] accumulator), no spills; 4 warps or 4K-element forward
+# tiles spilled.
+FWD_K_BLOCK = 32
+FWD_TILE = 2048
+BWD_K_BLOCK = 64
+BWD_TILE = (8, 16, 32)  # (TH, TW, OW)
+
+
+def _geometry(logits, labels):
+    x, strides = strided_bchw(logits)  # no copy for NCHW or channels-last
+    b, k, h, w = x.shape
+    hh, ww = labels.shape[-2:]
+    return x, strides, b, k, h, w, hh, ww
+
+
+def upsampled_cross_entropy_forward(logits, labels, ignore_index):
+    """Launch the forward kernel. Returns (loss [] fp32, |V| [] fp32), both on the device."""
+    x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
+    y = labels.contiguous()
+    k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
+    p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
+    n_blk = triton.cdiv(hh * ww, p_block)
+    loss = empty((b, n_blk), torch.float32, x.device)
+    count = empty((b, n_blk), torch.float32, x.device)
+    _upsampled_ce_fwd_kernel[(n_blk, b)](
+        x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, h / hh, w / ww,
+        K_BLOCK=k_block, P_BLOCK=p_block, num_warps=8 if k_block * p_block >= 2048 else 4)
+    n_valid = count.sum()  # fixed-order sums of the partials: deterministic
+    return loss.sum() / n_valid.clamp_min(1.0), n_valid
+
+
+def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index):
+    """Launch the backward kernel: dL/dlogits [B, K, h, w] in the logits' dtype and layout, scaled by grad_loss (a
+    0-dim device tensor, never read on the host)."""
+    x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
+    y = labels.contiguous()
+    th, tw, ow = BWD_TILE
+    k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
+    scale = (grad_loss.float() / n_valid.clamp_min(1.0)).reshape(())
+    g = empty_like(logits)  # the logits' memory format
+    n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
+    _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
+        x, y, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strided_bchw(g)[1], h / hh, w / ww,
+        hh / h, ww / w, K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block, PRECISION=DOT_PRECISION,
+        num_warps=8)
+    return g
+
+
+@torch.library.custom_op("segkd::upsampled_cross_entropy", mutates_args=())
+def _upsampled_ce_op(logits: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return upsampled_cross_entropy_forward(logits, labels, ignore_index)
+
+
+@_upsampled_ce_op.register_fake
+def _(logits, labels, ignore_index):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("segkd::upsampled_cross_entropy_backward", mutates_args=())
+def _upsampled_ce_backward_op(logits: torch.Tensor, labels: torch.Tensor, n_valid: torch.Tensor,
+                              grad_loss: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index)
+
+
+@_upsampled_ce_backward_op.register_fake
+def _(logits, labels, n_valid, grad_loss, ignore_index):
+    return empty_like(logits, poison=False)  # as the launcher
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    logits, labels, ignore_index = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, labels, output[1])  # the backward recomputes everything else
+    ctx.ignore_index = ignore_index
+
+
+def _backward(ctx, grad_loss, _grad_n_valid):
+    if grad_loss is None:
+        return None, None, None
+    logits, labels, n_valid = ctx.saved_tensors
+    return _upsampled_ce_backward_op(logits, labels, n_valid, grad_loss, ctx.ignore_index), None, None
+
+
+_upsampled_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def upsampled_cross_entropy(logits, labels, ignore_index=255):
+    """Cross-entropy of bilinearly upsampled logits [B, K, h, w] against labels [B, H, W]: mean over the valid
+    pixels, 0 when there are none; see the module docstring. Returns a float32 scalar.
+
+    Fused kernels when `kernels._dispatch.use_triton` says so (float64 logits, the tests' ground truth, always take
+    the torch reference)."""
+    if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"upsampled_cross_entropy: logits {tuple(logits.shape)} must be [B, K, h, w] and labels "
+                         f"{tuple(labels.shape)} [B, H, W] with the same B")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"upsampled_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+    if not use_triton(logits, labels) or logits.dtype == torch.float64:
+        return upsampled_cross_entropy_reference(logits, labels, ignore_index)
+    return _upsampled_ce_op(logits, labels, int(ignore_index))[0]

@@ -1,0 +1,234 @@
+"""kernels/upsampled_ce.py: the fused upsampled cross-entropy against its torch reference (float64 ground truth),
+its edge cases, layouts, determinism, torch.compile, and the absence of any full-resolution tensor."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+import kernels.upsampled_ce as uce
+from kernel_testing import DEVICE, DTYPES, GO, compare, laid_out, layout_copies, randn
+from kernels import upsampled_cross_entropy
+from kernels.upsampled_ce import upsampled_cross_entropy_reference
+
+# (B, K, h, w, H, W): labels not a multiple of the logits (5x7 -> 17x23), H == h, K = 150 (chunked classes),
+# downsampling, more than one backward tile per image (h > 8, w > 16), batch 1, odd sizes everywhere.
+SHAPES = [(2, 19, 5, 7, 17, 23), (1, 11, 4, 6, 4, 6), (1, 150, 3, 5, 9, 16), (2, 11, 9, 8, 4, 5),
+          (1, 19, 10, 18, 21, 37)]
+
+
+def make_labels(b, k, hh, ww, seed=0, ignored=0.15, outside=0.05):
+    """[b, hh, ww] int64 labels: classes in [0, k), a fraction `ignored` of 255, a fraction `outside` of values
+    outside [0, k) that are not 255 (k, k + 7, -1), which the op ignores too."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, k, (b, hh, ww), generator=g)
+    r = torch.rand(b, hh, ww, generator=g)
+    lab[r < ignored] = 255
+    bad = torch.tensor([k, k + 7, -1])[torch.randint(0, 3, (b, hh, ww), generator=g)]
+    lab = torch.where((r >= ignored) & (r < ignored + outside), bad, lab)
+    return lab.to(DEVICE)
+
+
+def ce(labels, ignore_index=255):
+    return (lambda x: upsampled_cross_entropy(x, labels, ignore_index),
+            lambda x: upsampled_cross_entropy_reference(x, labels, ignore_index))
+
+
+@pytest.fixture(params=["default", "small"])
+def tiles(request, monkeypatch):
+    """The shipped tiling, and the smallest one (16-class chunks, 2x16 backward tiles, 16-pixel row segments) so
+    that small tensors go through several class chunks, tiles and segments of every loop."""
+    if request.param == "small":
+        monkeypatch.setattr(uce, "FWD_K_BLOCK", 16)
+        monkeypatch.setattr(uce, "FWD_TILE", 256)
+        monkeypatch.setattr(uce, "BWD_K_BLOCK", 16)
+        monkeypatch.setattr(uce, "BWD_TILE", (2, 16, 16))
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(fused, shape, dtype):
+    b, k, h, w, hh, ww = shape
+    fn, ref = ce(make_labels(b, k, hh, ww, seed=k))
+    compare(fn, ref, [randn(b, k, h, w, dtype=dtype, scale=3)])
+
+
+def test_small_tiles_reach_every_loop(fused, tiles):
+    b, k, h, w, hh, ww = 1, 19, 5, 18, 11, 37  # small tiles: 2 class chunks, 3 x 2 backward tiles
+    fn, ref = ce(make_labels(b, k, hh, ww, seed=1))
+    compare(fn, ref, [randn(b, k, h, w, scale=3)])
+
+
+@pytest.mark.parametrize("go", [1.0, -2.5])
+def test_grad_output(fused, go):
+    fn, ref = ce(make_labels(2, 19, 11, 13))
+    compare(fn, ref, [randn(2, 19, 4, 5, scale=2)], go=go)
+
+
+def test_all_pixels_ignored_gives_zero_and_zero_gradient(fused):
+    x = randn(2, 19, 4, 5).requires_grad_()
+    lab = torch.full((2, 9, 11), 255, dtype=torch.int64, device=DEVICE)
+    lab[0, 0, :4] = torch.tensor([19, 40, -1, -7])  # outside [0, K): ignored too
+    loss = upsampled_cross_entropy(x, lab)
+    (loss * GO).backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert upsampled_cross_entropy_reference(x.detach(), lab).item() == 0.0
+
+
+def test_labels_outside_the_classes_count_as_ignored(fused):
+    x = randn(1, 11, 5, 6, scale=2)
+    lab = make_labels(1, 11, 13, 14, outside=0.3)
+    ignored = torch.where((lab >= 0) & (lab < 11), lab, 255)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = upsampled_cross_entropy(xa, lab), upsampled_cross_entropy(xb, ignored)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(xa.grad, xb.grad)
+
+
+def test_other_ignore_index_and_uint8_labels(fused):
+    lab = make_labels(2, 19, 9, 10, ignored=0.0)
+    lab = torch.where(lab < 0, 3, lab).to(torch.uint8)  # uint8 cannot hold -1
+    fn, ref = ce(lab, ignore_index=3)
+    compare(fn, ref, [randn(2, 19, 4, 5, scale=2)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_extreme_logits_finite(fused, dtype):
+    # +-1e4: exp overflows without the max shift; interpolation between +1e4 and -1e4 neighbours too.
+    x = (1e4 * torch.where(randn(2, 19, 4, 5, seed=1) > 0, 1.0, -1.0)).to(dtype)
+    fn, ref = ce(make_labels(2, 19, 9, 11))
+    (loss,), (grad,) = compare(fn, ref, [x])
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and loss.item() > 1e2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layouts_are_read_in_place(fused, layout, dtype):
+    """Channels-last logits (the trainer's): no copy, the gradient in the input's layout."""
+    x = laid_out(randn(2, 19, 5, 7, dtype=dtype, scale=3), layout)
+    fn, ref = ce(make_labels(2, 19, 17, 23))
+    with layout_copies() as copies:
+        _, (g,) = compare(fn, ref, [x])
+    assert not copies, copies
+    assert g.stride() == x.stride()
+
+
+def test_views_without_a_pixel_stride(fused):
+    """A cropped map (copied once by strided_bchw) and a dense transposed one: the gradient is still right."""
+    lab = make_labels(2, 11, 13, 17)
+    fn, ref = ce(lab)
+    compare(lambda x: fn(x[..., 1:7]), lambda x: ref(x[..., 1:7]), [randn(2, 11, 5, 9, scale=2)])
+    compare(lambda x: fn(x.transpose(2, 3)), lambda x: ref(x.transpose(2, 3)), [randn(2, 11, 7, 5, scale=2)])
+
+
+def test_deterministic(fused):
+    x, lab = randn(1, 19, 9, 17, scale=3), make_labels(1, 19, 13, 25)  # 2 x 2 backward tiles
+    runs = []
+    for _ in range(2):
+        xg = x.clone().requires_grad_()
+        loss = upsampled_cross_entropy(xg, lab)
+        (loss * GO).backward()
+        runs.append((loss.detach(), xg.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])  # bitwise
+
+
+def test_forward_only(fused):
+    x, lab = randn(1, 19, 5, 7, dtype=torch.bfloat16), make_labels(1, 19, 17, 23)
+    with torch.no_grad():
+        loss = upsampled_cross_entropy(x.requires_grad_(), lab)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, upsampled_cross_entropy_reference(x.double(), lab), rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_through_the_custom_op(fused):
+    x, lab = randn(2, 19, 5, 7, seed=3), make_labels(2, 19, 17, 23)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = lambda x: upsampled_cross_entropy(x, lab)
+    torch.compile(fn, backend=recording_backend, fullgraph=True)(x.clone())
+    called = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any(c.startswith("segkd.upsampled_cross_entropy") for c in called), called
+    eager_x, comp_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = fn(eager_x)
+    eager.backward()
+    comp = torch.compile(fn, backend="aot_eager", fullgraph=True)(comp_x)
+    comp.backward()
+    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(comp_x.grad, eager_x.grad, rtol=1e-6, atol=1e-9)
+
+
+class NewTensors(TorchDispatchMode):
+    """Records (op, shape) of every tensor of at least `limit` elements that an op returns while active, except
+    tensors sharing storage with `inputs` (views of them, the interpreter's copy back into them)."""
+
+    def __init__(self, limit, inputs):
+        super().__init__()
+        self.limit, self.shapes = limit, []
+        self.known = {x.untyped_storage().data_ptr() for x in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(o) and o.numel() >= self.limit and o.untyped_storage().data_ptr() not in self.known:
+                self.shapes.append((str(func), tuple(o.shape)))
+        return out
+
+
+def test_no_full_resolution_tensor(fused):
+    """Nothing of B*K*H*W elements, nor even of B*H*W (a full-resolution log-sum-exp), is allocated; the unfused
+    reference does allocate them, so the check sees what it looks for."""
+    b, k, h, w, hh, ww = 1, 5, 3, 4, 24, 32  # B*H*W = 768 > B*K*h*w = 60
+    x, lab = randn(b, k, h, w).requires_grad_(), make_labels(b, k, hh, ww)
+    with NewTensors(b * hh * ww, [x, lab]) as seen:
+        upsampled_cross_entropy(x, lab).backward()
+    assert not seen.shapes, seen.shapes
+    assert x.grad is not None
+    with NewTensors(b * k * hh * ww, [x, lab]) as seen:
+        upsampled_cross_entropy_reference(x, lab).backward()
+    assert (b, k, hh, ww) in [s for _, s in seen.shapes]
+
+
+def test_reference_is_f_cross_entropy():
+    """With every label valid the reference is exactly the unfused formula of the issue."""
+    x, lab = torch.randn(2, 19, 5, 7), torch.randint(0, 19, (2, 17, 23))
+    lab[0, :3] = 255
+    want = F.cross_entropy(F.interpolate(x, size=(17, 23), mode="bilinear", align_corners=False), lab,
+                           ignore_index=255)
+    torch.testing.assert_close(upsampled_cross_entropy_reference(x, lab), want, rtol=1e-6, atol=0)
+
+
+def test_cpu_tensors_take_the_reference_under_auto(monkeypatch):
+    monkeypatch.delenv("SEGKD_KERNELS", raising=False)
+    if DEVICE == "cuda":
+        pytest.skip("auto picks Triton for the CUDA tensors of this machine")
+    monkeypatch.setattr(uce, "upsampled_cross_entropy_forward", lambda *a: pytest.fail("Triton ran under auto"))
+    x = randn(1, 19, 3, 5).requires_grad_()
+    upsampled_cross_entropy(x, make_labels(1, 19, 7, 9)).backward()
+    assert x.grad is not None
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="upsampled_cross_entropy"):
+        upsampled_cross_entropy(randn(1, 19, 3, 5), make_labels(2, 19, 7, 9))
+    with pytest.raises(ValueError, match="integer"):
+        upsampled_cross_entropy(randn(1, 19, 3, 5), randn(1, 7, 9))
+
+
+def test_exported():
+    assert kernels.upsampled_cross_entropy is upsampled_cross_entropy and "upsampled_cross_entropy" in kernels.__all__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [19, 150, 171])
+def test_larger_shapes(fused, k, dtype):
+    fn, ref = ce(make_labels(2, k, 64, 128, seed=k))
+    compare(fn, ref, [randn(2, k, 8, 16, dtype=dtype, scale=4)])
