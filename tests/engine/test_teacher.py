@@ -86,3 +86,32 @@ def test_the_step_teacher_holds_its_weights_in_the_step_precision():
     assert {p.dtype for p in fwd.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the Frozen model: fp32, unfolded
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_distillation_with_the_lean_teacher_gives_the_same_weights():
+    """Three kd steps from the same student: with the step's lean teacher (folded BatchNorm) and with the plain
+    unfolded teacher, the student's weights agree within fp32 rounding."""
+    from engine.config import OptimConfig
+    from engine.methods import MethodConfig, build_method
+    from engine.step import Distiller, TrainStep
+
+    def train(lean):
+        torch.manual_seed(0)
+        teacher = randomised_bn(build_model("pspnet_tiny", 5))
+        student = build_model("pspnet_tiny", 5)
+        method = build_method(MethodConfig(method="kd"), student.channels, teacher.channels, 5, 255)
+        frozen = Frozen(teacher)
+        step = TrainStep.build(Distiller(student, method, 255), frozen, torch.device("cpu"),
+                               optim=OptimConfig(iters=100))
+        if not lean:  # the unfolded teacher itself, as the step ran it before
+            step.teacher = lambda images: SegOutput(*frozen(images)[:3])
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            batch = {"image": torch.randn(2, 3, 32, 40, generator=g), "label": torch.randint(0, 5, (2, 32, 40), generator=g)}
+            step(batch, i)
+        return student.state_dict()
+
+    lean, plain = train(True), train(False)
+    for k, v in plain.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(lean[k], v, rtol=1e-4, atol=1e-6, msg=k)
