@@ -16,7 +16,6 @@ over those allocated before scoring.
 """
 import argparse
 import ctypes
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak_memory import reset_peak_rss, status_bytes  # noqa: E402
+from peak_memory import in_fresh_process, reset_peak_rss, status_bytes  # noqa: E402
 
 VARIANTS = ("before", "after")
 
@@ -98,13 +97,7 @@ def _case(variant, model_name, root, files, size, batch, queue):
 
 
 def run_case(*args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_case, args=(*args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
+    return in_fresh_process(_case, *args)
 
 
 def write_pool(root, n, size, seed=0):
