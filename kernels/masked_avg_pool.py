@@ -24,6 +24,12 @@ def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
 
     Returns (prototypes [B, K, C] float32, counts [B, K] float32).
     """
+    protos, counts = class_means(feat, labels, num_classes, ignore_index)
+    return protos.float(), counts.float()
+
+
+def class_means(feat, labels, num_classes, ignore_index=255):
+    """masked_avg_pool_reference in its compute dtype (float64 features stay float64: the tests' ground truth)."""
     b, c = feat.shape[:2]
     k = int(num_classes)
     lab = labels.reshape(b, -1).long()  # [B, HW]
@@ -32,7 +38,7 @@ def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
     onehot = F.one_hot(torch.where(inside, lab, 0), k).to(f.dtype) * inside[..., None]  # [B, HW, K]
     sums = torch.bmm(f, onehot)  # [B, C, K]
     counts = onehot.sum(1)  # [B, K]
-    return (sums.transpose(1, 2) / counts.clamp_min(1)[..., None]).float(), counts.float()
+    return sums.transpose(1, 2) / counts.clamp_min(1)[..., None], counts
 
 
 @triton.jit
