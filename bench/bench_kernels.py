@@ -14,6 +14,8 @@ Providers, side by side in one run, forward and forward+backward:
   liger    Liger-Kernel's LigerKLDIVLoss on NHWC-permuted log-probabilities (pixel_kl; when liger_kernel imports)
   ours     the public `kernels` entry point: the Triton kernels on CUDA, the torch reference on CPU
            (the Triton kernels through the interpreter with --interpret)
+  cpp      the same entry point under SEGKD_KERNELS=cuda: the C++ kernels of csrc/ (CUDA kernels on a GPU, their
+           CPU twins on CPU) for the ops that have them (pixel_kl, channel_kl, angular), built on first use
 
 Figures: median milliseconds (triton.testing.do_bench on a GPU, wall clock on CPU); GB/s of compulsory
 traffic (each input read once, each output and input gradient written once: the least any implementation
@@ -22,6 +24,7 @@ memory allocated above the inputs (CUDA only). Scalar losses are backpropagated 
 a weighted loss is in training. Results go to bench/results/kernels_<device>.md and .json.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,7 +33,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl")
-PROVIDERS = ("eager", "compile", "liger", "ours")
+PROVIDERS = ("eager", "compile", "liger", "ours", "cpp")
 
 
 def parse_args(argv=None):
@@ -63,7 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.device import device_name, slug  # noqa: E402
 import kernels  # noqa: E402
-from kernels import _dispatch  # noqa: E402
+from kernels import _cpp, _dispatch  # noqa: E402
 from kernels.angular import angular_loss_reference  # noqa: E402
 from kernels.bn_stat import bn_stat_distance_reference  # noqa: E402
 from kernels.channel_kl import channel_kl_reference  # noqa: E402
@@ -132,7 +135,9 @@ def _rand(*shape, dtype):
 
 def cases(op, small):
     if op in ("pixel_kl", "channel_kl"):
+        # small: CPU shapes; 8x19x64x128 is the workload's logits (student output stride 8 at 512x1024)
         shapes = ([(2, 19, 32, 64, d) for d in (torch.bfloat16, torch.float32)] + [(1, 150, 16, 16, torch.bfloat16)]
+                  + [(8, 19, 64, 128, d) for d in (torch.bfloat16, torch.float32)]
                   if small else
                   [(8, 19, h, w, d) for h, w in ((512, 1024), (64, 128)) for d in (torch.bfloat16, torch.float32)]
                   + [(8, 150, 512, 512, torch.bfloat16), (8, 150, 64, 64, torch.bfloat16)])
@@ -143,22 +148,23 @@ def cases(op, small):
         for b, c, h, w, d in shapes:
             n = b * c * h * w * _elt(d)
             provs = {"eager": lambda s, t: eager(s, t, temp), "compile": lambda s, t: ref(s, t, temp),
-                     "ours": lambda s, t: ours(s, t, temp)}
+                     "ours": lambda s, t: ours(s, t, temp), "cpp": lambda s, t: ours(s, t, temp)}
             if op == "pixel_kl":
                 provs["liger"] = lambda s, t: liger_kd(s, t, temp)
             yield (f"{b}x{c}x{h}x{w}", d, lambda b=b, c=c, h=h, w=w, d=d: [_rand(b, c, h, w, dtype=d) * 3,
                                                                          _rand(b, c, h, w, dtype=d) * 3],
                    provs, 2 * n, 3 * n)
     elif op == "angular":
-        shapes = [(2, 64, 16, 32, torch.float32)] if small else [(8, 512, 64, 128, d)
-                                                                 for d in (torch.bfloat16, torch.float32)]
+        shapes = ([(2, 64, 16, 32, torch.float32), (2, 256, 32, 64, torch.bfloat16)] if small else
+                  [(8, 512, 64, 128, d) for d in (torch.bfloat16, torch.float32)])
         for b, c, h, w, d in shapes:
             n = b * c * h * w * _elt(d)
             for mode in ("layer", "channel", "point"):
                 f = lambda s, t, m=mode: angular_loss_reference(s, t, m)
                 yield (f"{mode} {b}x{c}x{h}x{w}", d, lambda b=b, c=c, h=h, w=w, d=d: [_rand(b, c, h, w, dtype=d),
                                                                                       _rand(b, c, h, w, dtype=d)],
-                       {"eager": f, "compile": f, "ours": lambda s, t, m=mode: kernels.angular_loss(s, t, m)},
+                       {"eager": f, "compile": f, "ours": lambda s, t, m=mode: kernels.angular_loss(s, t, m),
+                        "cpp": lambda s, t, m=mode: kernels.angular_loss(s, t, m)},
                        2 * n, 3 * n)
     elif op == "masked_avg_pool":
         shapes = ([(2, 64, 16, 32, 19, torch.float32)] if small else
@@ -246,6 +252,23 @@ def copy_bandwidth_gbs(reps):
     return 2 * src.numel() * 4 / ms / 1e6
 
 
+@contextlib.contextmanager
+def backend(provider):
+    """SEGKD_KERNELS=cuda while the cpp provider runs (forward and backward); the others keep the run's setting."""
+    saved = os.environ.get("SEGKD_KERNELS")
+    if provider == "cpp":
+        if _cpp.ops() is None:
+            raise RuntimeError(f"the C++ kernels cannot be built here: {_cpp.ERROR!r}")
+        os.environ["SEGKD_KERNELS"] = "cuda"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SEGKD_KERNELS", None)
+        else:
+            os.environ["SEGKD_KERNELS"] = saved
+
+
 def run_case(op, label, dtype, make, provs, bytes_fwd, bytes_fb, providers, reps, copy_gbs):
     rows = []
     inputs = make()
@@ -272,9 +295,10 @@ def run_case(op, label, dtype, make, provs, bytes_fwd, bytes_fb, providers, reps
             if mode == "fwd":
                 step = torch.no_grad()(step)
             try:
-                step()  # compile / autotune / first-call costs stay out of the timing
-                ms = bench_ms(step, reps)
-                peak = peak_mib(step)
+                with backend(name):
+                    step()  # compile / autotune / first-call costs stay out of the timing
+                    ms = bench_ms(step, reps)
+                    peak = peak_mib(step)
             except Exception as err:  # one provider failing must not lose the others' figures
                 print(f"  {op} {label} {name} {mode}: FAILED {type(err).__name__}: {str(err)[:200]}")
                 continue
@@ -307,6 +331,13 @@ def targets(rows):
     ours = find("bn_stat", "8x512x64x128", "bfloat16", "ours")
     if ours:
         out.append(f"bn_stat_distance fwd+bwd bf16: {100 * ours['copy_frac']:.0f}% of copy bandwidth (target >= 70%)")
+    for r in rows:  # the C++ backend against `ours` (on CPU: the torch reference; issue 17's goal there: >= 2x)
+        if r["provider"] == "cpp":
+            base = next((o for o in rows if o["provider"] == "ours" and
+                         (o["op"], o["shape"], o["dtype"], o["pass"]) == (r["op"], r["shape"], r["dtype"], r["pass"])),
+                        None)
+            if base:
+                out.append(f"{r['op']} {r['shape']} {r['dtype']} {r['pass']}: cpp {base['ms'] / r['ms']:.2f}x ours")
     return out
 
 
@@ -322,7 +353,7 @@ def markdown(meta, rows):
                      f"{r['GB/s']:.1f} | {100 * r['copy_frac']:.1f} | {peak} | {speed} |")
     goals = targets(rows)
     if goals:
-        lines += ["", "## Issue 3 targets", ""] + [f"- {g}" for g in goals]
+        lines += ["", "## Targets (issue 3), and the C++ backend against ours (issue 17)", ""] + [f"- {g}" for g in goals]
     return "\n".join(lines) + "\n"
 
 

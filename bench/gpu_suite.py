@@ -26,6 +26,9 @@ incomplete (what ran passed, the budget cut the rest of its plan) or skipped:
              batch 1), contiguous and channels-last, fp32/bf16/fp16, grad_output 0.37, outputs poisoned.
              Relative error ||x - x64|| / ||x64|| of outputs and gradients; a case passes when ours is at most
              twice the error of the torch reference run in the same dtype plus the tests' per-dtype allowance.
+             Then the step's lean teacher (PSPNet-R101, batch 8, 512x1024, bf16, channels-last) with cuDNN's fused
+             conv + bias + residual + ReLU (kernels.conv_bias_relu) and unfused, against the fp32 teacher: error,
+             how many conv configurations cuDNN fused, and the forward time of each.
   tests      1b. The kernel test suite (tests/kernels, pytest in a subprocess: on a GPU the kernels run
              compiled), counted per file; a run stopped by the budget keeps the counts so far.
   training   1c. 3 training steps of kd, cad, apd, cwd, dfss and dfad through engine.trainer.Trainer with the
@@ -35,7 +38,8 @@ incomplete (what ran passed, the budget cut the rest of its plan) or skipped:
              update must agree, dfss's ADS scores too, and the fused path must have been taken.
   timings    2. Kernel timings from bench/bench_kernels.py: median ms of forward and forward+backward, GB/s,
              % of the device-to-device copy bandwidth measured in the same run, peak memory; eager CIRKD-style
-             torch, torch.compile (as the budget allows) and ours.
+             torch, ours (Triton), the C++ backend of csrc/ where an op has one (built on first use, needs nvcc
+             and ninja there), torch.compile (as the budget allows).
   train      3. The training step from bench/train_throughput.py: images/s and ms/step of segkd against the
              CIRKD-style loop (bench/cirkd_reference.py) for kd, cad, apd, cwd at the workload (random
              weights), the share of the loss in segkd's phase profile (engine/profile.py), and segkd alone in
@@ -495,6 +499,10 @@ def part_workload(suite):
         suite.say(f"  {'ok  ' if ok else 'FAIL'} {op:16s} {what:42s} {dt:8s} {layout:13s} "
                   f"fwd {res['fwd'][0]:.1e} grad {res['grad'][0]:.1e} {error}")
         release()
+    if suite.left() > 0:
+        teacher_fusion(suite)
+    else:
+        not_run += 1
     bad = [r for r in rows if not r["ok"]]
     worst = max(rows, key=lambda r: max(r["fwd rel err"] / r["fwd bound"], r["grad rel err"] / r["grad bound"]),
                 default=None)
@@ -507,6 +515,68 @@ def part_workload(suite):
     if not_run:
         summary += f"; {not_run} cases not run (budget)"
     return {"status": outcome(rows, bad, not_run), "summary": summary, "rows": rows}
+
+
+def teacher_fusion(suite):
+    """The step's lean teacher (engine/teacher.py: BatchNorm folded, conv + ReLU and conv + residual + ReLU fused
+    through kernels.conv_bias_relu, i.e. cuDNN's fused convolution on CUDA) at the workload (PSPNet-R101, batch 8,
+    512x1024, bf16, channels-last; dry run: pspnet_tiny at 64x80), fused and unfused (SEGKD_KERNELS=torch: the
+    same lean copy, conv then add then ReLU), each against the fp32 unfolded teacher. One row: the fused error and
+    its bound (twice the unfused error + the bf16 allowance), how many conv configurations cuDNN fused (the rest
+    fell back, see conv_act's warning in the log), and the median forward time of each path."""
+    from engine.teacher import Frozen, TeacherForward
+    from kernels import conv_act
+
+    name, (b, h, w) = ("pspnet_tiny", (2, 64, 80)) if suite.dry else ("pspnet_r101", (8, 512, 1024))
+    dtype = torch.bfloat16
+    row = {"op": "teacher conv_bias_relu", "case": f"{name} [{b}, 3, {h}, {w}] forward", "dtype": "bfloat16",
+           "layout": "channels_last", "grad rel err": 0.0, "grad torch rel err": 0.0, "grad bound": 1.0}
+    try:
+        torch.manual_seed(0)
+        model = build_model(name, 19).to(suite.device)
+        g = torch.Generator().manual_seed(0)
+        for m in model.modules():  # random BN statistics, so that the fold is not trivial
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        frozen = Frozen(model)
+        x = torch.randn(b, 3, h, w, device=suite.device).contiguous(memory_format=torch.channels_last)
+        lean = TeacherForward(frozen, suite.device, dtype, channels_last=True)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            want = frozen(x)[0].double()
+        with kernel_path("auto"):
+            fused = lean(x)[0]
+        with kernel_path("torch"):
+            unfused = lean(x)[0]
+        err, err_unfused = rel_err(fused, want), rel_err(unfused, want)
+        verdicts = [v for k, v in conv_act._verdicts.items() if k[0].type == suite.device.type]
+        row.update({"fwd rel err": err, "fwd torch rel err": err_unfused,
+                    "fwd bound": 2 * err_unfused + _slack(dtype),
+                    "fused configurations": f"{sum(verdicts)}/{len(verdicts)}"})
+
+        def timed(mode):
+            with kernel_path(mode):
+                times = []
+                for _ in range(3 if suite.dry else 10):
+                    release()
+                    t0 = time.perf_counter()
+                    lean(x)
+                    release()
+                    times.append(time.perf_counter() - t0)
+            return 1e3 * sorted(times)[len(times) // 2]
+
+        row["fused ms"], row["unfused ms"] = timed("auto"), timed("torch")
+        row["ok"], row["error"] = row["fwd rel err"] <= row["fwd bound"], ""
+    except Exception as err:
+        row.update({"fwd rel err": float("inf"), "fwd torch rel err": float("inf"), "fwd bound": 0.0, "ok": False,
+                    "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        suite.note(f"teacher fusion:\n{traceback.format_exc()}")
+    suite.add(row)
+    suite.say(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['op']:16s} {row['case']:42s} fwd {row['fwd rel err']:.1e} "
+              f"(bound {row['fwd bound']:.1e}) fused {row.get('fused configurations', '-')} configurations, "
+              f"{row.get('fused ms', float('nan')):.2f} ms fused vs {row.get('unfused ms', float('nan')):.2f} ms "
+              f"unfused {row['error']}")
+    release()
 
 
 # ----------------------------------------------------------------------------- 1b: the kernel test suite
@@ -584,8 +654,8 @@ def fused_calls():
         mod = sys.modules[f"kernels.{name}"]
         saved[mod] = real = mod.use_triton
 
-        def spy(*tensors, real=real, name=name):
-            took = real(*tensors)
+        def spy(*tensors, real=real, name=name, **kwargs):
+            took = real(*tensors, **kwargs)
             counts[name] = counts.get(name, 0) + int(took)
             return took
         mod.use_triton = spy
@@ -777,6 +847,22 @@ def part_timings(suite):
         expected += 2 * sum(p in provs for p in first)  # fwd and fwd+bwd of each provider the op has
         suite.add(*bk.run_case(op, label, dtype, make, provs, bf, bfb, first, reps, copy_gbs))
         release()
+    cpp_cases = [c for c in cases if "cpp" in c[4]]
+    if cpp_cases and suite.left() > (30 if suite.dry else 120):  # the C++ backend (csrc/), op by op beside ours
+        from kernels import _cpp
+
+        t0 = time.perf_counter()
+        built = _cpp.ops() is not None  # the first use builds it: a minute or more with nvcc
+        notes.append(f"C++ backend (csrc/): {'built' if built else 'NOT built'} in {time.perf_counter() - t0:.0f} s"
+                     + ("" if built else f" ({str(_cpp.ERROR).splitlines()[0][:200] if _cpp.ERROR else '?'})"))
+        for op, label, dtype, make, provs, bf, bfb in cpp_cases if built else []:
+            if suite.left() <= 0:
+                notes.append(f"cpp of {op} {label} {dtype}: skipped: budget")
+                continue
+            suite.add(*bk.run_case(op, label, dtype, make, provs, bf, bfb, ["cpp"], reps, copy_gbs))
+            release()
+    elif cpp_cases:
+        notes.append("C++ backend (csrc/): not built: budget")
     if not suite.cuda:
         notes.append("torch.compile: skipped: needs CUDA (Inductor on the CPU takes minutes per shape)")
     else:

@@ -27,10 +27,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import kernels
 from engine.methods import base as methods_base
-from kernels import _dispatch
+from kernels import _dispatch, conv_act
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-FUSED_OPS = tuple(kernels.__all__)  # kernels' public loss ops: each call is a loss-op call of the model
+FUSED_OPS = kernels.LOSS_OPS  # kernels' public loss ops: each call is a loss-op call of the model
 
 
 # ----------------------------------------------------------------------------- CUDA's autocast policy on the CPU
@@ -478,8 +478,32 @@ class LossOps:
 
 def _route_to_fused_ops():
     """Every kernels op module answers use_triton() with True, as it does for CUDA tensors."""
-    return [mock.patch.object(mod, "use_triton", lambda *tensors: True) for name, mod in list(sys.modules.items())
+    return [mock.patch.object(mod, "use_triton", lambda *tensors, **kwargs: True) for name, mod in list(sys.modules.items())
             if name.startswith("kernels.") and hasattr(mod, "use_triton")]
+
+
+class _Verified(dict):
+    """kernels.conv_act's per-configuration verdicts as the model sees them: every configuration already checked
+    and fused (the first call's check against the reference is once per run, not per step)."""
+
+    def get(self, key, default=None):
+        return True
+
+
+def _modelled_fused_conv(counter):
+    """kernels.conv_bias_relu's CUDA backend (cuDNN's fused convolution, which has no fake kernel) as one kernel:
+    it reads x, W, b and the residual once and writes the output once."""
+    def conv(x, weight, bias, residual, stride, padding, dilation, groups):
+        h, w = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(x.shape[-2:], padding, dilation, weight.shape[-2:], stride))
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        out = torch.empty(x.shape[0], weight.shape[0], h, w, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        reads = [t for t in (x, weight, bias, residual) if t is not None and counter.on_device(t)]
+        counter.record("segkd.conv_bias_relu (cuDNN fused conv+bias+add+relu)", reads, [out])
+        return out
+    return conv
 
 
 @contextlib.contextmanager
@@ -498,7 +522,9 @@ def traffic_model(fake=True, mode=None, dtype=torch.bfloat16):
         if fake:
             stack.enter_context(mode or FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(cuda_autocast_policy(dtype or torch.bfloat16))
-        for p in _route_to_fused_ops() + ops.patches() + [mock.patch.object(
+        fused_conv = [mock.patch.dict(conv_act.BACKENDS, dict.fromkeys(("cpu", "meta"), _modelled_fused_conv(counter))),
+                      mock.patch.object(conv_act, "_verdicts", _Verified())]
+        for p in _route_to_fused_ops() + ops.patches() + fused_conv + [mock.patch.object(
                 KernelInterface, "__getitem__",
                 lambda kernel, grid: lambda *a, **k: counter.launch(kernel, grid, a, k))]:
             stack.enter_context(p)

@@ -3,6 +3,10 @@
     SEGKD_KERNELS=auto    (default) CUDA tensors -> Triton, anything else -> torch reference
     SEGKD_KERNELS=torch   always the torch reference (the fallback if a kernel misbehaves)
     SEGKD_KERNELS=triton  always Triton; CPU tensors then need TRITON_INTERPRET=1 (tests use this)
+    SEGKD_KERNELS=cuda    the C++ kernels of csrc/ (kernels/_cpp.py, built on first use): CUDA kernels on CUDA
+                          tensors, their CPU twins on CPU tensors, for the ops that have them (kernels._cpp.CPP_OPS);
+                          the other ops run as under `auto`. If the extension cannot be built: one warning, then
+                          the torch reference
 
 The variable is read on every call, so a test or a user can switch paths without re-importing.
 
@@ -17,7 +21,7 @@ import os
 
 import torch
 
-MODES = ("auto", "torch", "triton")
+MODES = ("auto", "torch", "triton", "cuda")
 
 try:
     import triton
@@ -48,11 +52,67 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON = False
 
 
-def use_triton(*tensors):
-    """True when the fused kernels should run on these tensors (see the module docstring)."""
+def mode():
+    """SEGKD_KERNELS, checked."""
+    m = os.environ.get("SEGKD_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"SEGKD_KERNELS={m!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
+def use_cpp(op, *tensors):
+    """True when `op` (a name in kernels._cpp.CPP_OPS) should run its C++ kernel on `tensors`: SEGKD_KERNELS=cuda,
+    the extension builds (kernels/_cpp.py; a failed build warns once and answers False from then on) and has
+    kernels for their device (CUDA tensors with a library built without nvcc: one warning, then Triton)."""
+    from kernels import _cpp
+
+    return mode() == "cuda" and op in _cpp.CPP_OPS and _cpp.ops() is not None and _cpp.supports(*tensors)
+
+
+def eager_cpp(*tensors):
+    """SEGKD_KERNELS=cuda with the extension built, outside torch.compile's tracing: the C++ ops then run through
+    `eager_function`'s autograd.Function rather than their torch.library custom op, whose Python wrapper costs about
+    0.1 ms per call (as much as the CPU twin's own kernel at the CPU benchmark's shapes). Under torch.compile the
+    custom op is traced as always."""
+    if mode() != "cuda" or torch.compiler.is_compiling():
+        return False
+    from kernels import _cpp
+
+    return _cpp.ops() is not None and _cpp.supports(*tensors)
+
+
+def eager_function(forward, setup_context, backward):
+    """A torch.autograd.Function from a custom op's implementation and its autograd formula (the functions given
+    to register_autograd): the same forward and backward, without the custom op's dispatch."""
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return forward(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Eager
+
+
+def use_triton(*tensors, op=None):
+    """True when the fused Triton kernels should run on these tensors (see the module docstring). `op`: the
+    public op asking, so that SEGKD_KERNELS=cuda routes the ops that have a C++ kernel away from Triton and leaves
+    the others on their `auto` choice."""
     mode = os.environ.get("SEGKD_KERNELS", "auto")
     if mode == "torch":
         return False
+    if mode == "cuda":
+        from kernels import _cpp
+
+        if op in _cpp.CPP_OPS and (_cpp.ops() is None or _cpp.supports(*tensors)):
+            return False  # use_cpp's: the C++ kernel, or the reference if it cannot be built
+        mode = "auto"
     if mode == "auto":
         return HAS_TRITON and all(t.is_cuda for t in tensors)
     if mode != "triton":

@@ -10,6 +10,7 @@ returning a gradient scaled twice.
 """
 import torch
 
+from kernels import _cpp, _dispatch
 from kernels._dispatch import triton, tl
 
 
@@ -34,6 +35,9 @@ def scale_grad_(g: torch.Tensor, grad_output: torch.Tensor) -> None:
     n = g.numel()
     if n == 0:
         return
+    if _dispatch.mode() == "cuda" and _cpp.ops() is not None and _cpp.supports(g):  # as the C++ forward
+        _cpp.ops().scale_grad_(g, grad_output)
+        return
     block = 4096
     _scale_grad_kernel[(triton.cdiv(n, block),)](g, grad_output.reshape(()).contiguous(), n, BLOCK=block,
                                                  num_warps=8)
@@ -42,3 +46,14 @@ def scale_grad_(g: torch.Tensor, grad_output: torch.Tensor) -> None:
 @scale_grad_.register_fake
 def _(g, grad_output):
     return None
+
+
+def scale_grad(g, grad_output):
+    """scale_grad_ for the ops' backward: the C++ kernel called directly when the forward took the C++ path eagerly
+    (no torch.library wrapper: its Python costs as much as the CPU twin's kernel at small shapes; the in-place
+    write is made known to autograd by hand, so a second backward through it still fails), else the custom op."""
+    if _dispatch.eager_cpp(g):
+        _cpp.ops().scale_grad_(g, grad_output)
+        torch.autograd.graph.increment_version(g)
+    else:
+        scale_grad_(g, grad_output)

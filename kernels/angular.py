@@ -22,11 +22,13 @@ so forward is one reading pass (the three sums) and backward one more (read s an
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, row_tiling, strided_bchw, triton, tl,
-                               upcast, use_triton)
+from kernels import _cpp
+from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, needs_grad, next_pow2, row_tiling,
+                               strided_bchw, triton, tl, upcast, use_cpp, use_triton)
 
 EPS = 1e-6
-MODES = ("layer", "channel", "point")
+MODES = ("layer", "channel", "point")  # the C++ kernels take the index
+CPP_CHUNK = 8192  # elements per split of a layer / channel group in the C++ kernels (a CPU task, a CUDA block)
 
 
 def angular_loss_reference(student, teacher, mode):
@@ -246,7 +248,12 @@ def angular_forward(student, teacher, mode):
     t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     hw = s[0, 0].numel()
-    if mode == "point":
+    if use_cpp("angular_loss", s):  # the C++ kernel (csrc/), splits of CPP_CHUNK elements per group
+        groups, length = {"layer": (b, c * hw), "channel": (b * c, hw), "point": (b * hw, 1)}[mode]
+        partial = empty((3, groups, -(-length // CPP_CHUNK)), torch.float32, s.device)
+        _cpp.ops().angular_stats(s, t, MODES.index(mode), CPP_CHUNK, partial)
+        stats = partial.sum(2)
+    elif mode == "point":
         c_block, hw_block, warps = _point_tiling(c, hw)
         stats = empty((3, b, hw), torch.float32, s.device)
         _angular_point_stats_kernel[(triton.cdiv(hw, hw_block), b)](
@@ -284,7 +291,9 @@ def angular_backward(student, teacher, mode, stats, grad_loss):
     k = torch.stack([scale * (1 - cos_term) / (ns * ns), scale / (ns * nt)])  # [2, G]
     g = empty_like(student)  # dense, in the student's memory format
     g_strides = strided_bchw(g)[1]
-    if mode == "point":
+    if use_cpp("angular_loss", s):
+        _cpp.ops().angular_apply(s, t, k.contiguous(), MODES.index(mode), g)
+    elif mode == "point":
         c_block, hw_block, warps = _point_tiling(c, hw)
         _angular_point_bwd_kernel[(triton.cdiv(hw, hw_block), b)](
             s, t, k, g, c, hw, *s_strides, *t_strides, *g_strides, C_BLOCK=c_block, HW_BLOCK=hw_block,
@@ -340,17 +349,27 @@ def _backward(ctx, grad_loss, _grad_stats):
 _angular_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_eager(ctx, grad_loss, _grad_stats):
+    student, teacher, stats = ctx.saved_tensors
+    return angular_backward(student, teacher, ctx.mode, stats, grad_loss), None, None
+
+
+_AngularEager = eager_function(angular_forward, _setup_context, _backward_eager)  # see eager_cpp
+
+
 def angular_loss(student, teacher, mode):
     """Angular distillation loss (LAD/CAD/PAD); see the module docstring for the formulas.
 
-    Fused kernels when `kernels._dispatch.use_triton` says so; a teacher that requires grad takes the
-    torch reference (the kernels differentiate the student only).
+    Fused Triton kernels when `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under
+    SEGKD_KERNELS=cuda; a teacher that requires grad takes the torch reference (the kernels differentiate the
+    student only).
     """
     if mode not in MODES:
         raise ValueError(f"angular_loss: unknown mode {mode!r}; expected one of {MODES}")
     if student.dim() != 4 or student.shape != teacher.shape:
         raise ValueError(f"angular_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          "must both be [B, C, H, W]")
-    if not use_triton(student, teacher) or needs_grad(teacher):
+    if not (use_cpp("angular_loss", student) or use_triton(student, teacher, op="angular_loss")) or needs_grad(teacher):
         return angular_loss_reference(student, teacher, mode)
-    return _angular_op(student, teacher, mode)[0]
+    op = _AngularEager.apply if eager_cpp(student) else _angular_op
+    return op(student, teacher, mode)[0]

@@ -16,9 +16,10 @@ KL and (when the student needs it) writes the gradient. Backward only scales tha
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, row_tiling, strided_bchw, triton, tl,
-                               upcast, use_triton)
-from kernels._grad_scale import scale_grad_
+from kernels import _cpp
+from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, needs_grad, next_pow2, row_tiling,
+                               strided_bchw, triton, tl, upcast, use_cpp, use_triton)
+from kernels._grad_scale import scale_grad
 
 
 def channel_kl_reference(student, teacher, temperature=4.0):
@@ -137,8 +138,13 @@ def channel_kl_forward(student, teacher, temperature, write_grad):
     t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
     rows, length = b * c, s[0, 0].numel()
-    block, chunk, n_splits = row_tiling(length)
     temp = float(temperature)
+    if use_cpp("channel_kl", s):  # the C++ kernel (csrc/): one task / CUDA block per row, same buffers
+        kl = empty((rows,), torch.float32, s.device)
+        g = empty_like(student) if write_grad else s.new_empty(0)
+        _cpp.ops().channel_kl(s, t, kl, g, temp, write_grad)
+        return kl.sum() * (temp * temp / rows), g
+    block, chunk, n_splits = row_tiling(length)
     stats = empty((4, rows, n_splits), torch.float32, s.device)
     kl = empty((rows, n_splits), torch.float32, s.device)
     g = empty_like(student) if write_grad else s.new_empty(0)  # the student's memory format
@@ -175,11 +181,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    scale_grad_(grad, grad_loss)
+    scale_grad(grad, grad_loss)
     return grad, None, None, None
 
 
 _channel_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_ChannelKlEager = eager_function(channel_kl_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def channel_kl(student, teacher, temperature=4.0):
@@ -191,6 +198,7 @@ def channel_kl(student, teacher, temperature=4.0):
     if student.dim() != 4 or student.shape != teacher.shape:
         raise ValueError(f"channel_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          "must both be [B, C, H, W]")
-    if not use_triton(student, teacher) or needs_grad(teacher):
+    if not (use_cpp("channel_kl", student) or use_triton(student, teacher, op="channel_kl")) or needs_grad(teacher):
         return channel_kl_reference(student, teacher, temperature)
-    return _channel_kl_op(student, teacher, float(temperature), needs_grad(student))[0]
+    op = _ChannelKlEager.apply if eager_cpp(student) else _channel_kl_op
+    return op(student, teacher, float(temperature), needs_grad(student))[0]

@@ -25,9 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import (empty, empty_like, needs_grad, next_pow2, strided_bchw, triton, tl, upcast,
-                               use_triton)
-from kernels._grad_scale import scale_grad_
+from kernels import _cpp
+from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, needs_grad, next_pow2, strided_bchw,
+                               triton, tl, upcast, use_cpp, use_triton)
+from kernels._grad_scale import scale_grad
 
 
 def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=None):
@@ -52,6 +53,9 @@ def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=No
         return (kl.mean() * (t * t)).float()
     kl = torch.where(valid, kl, torch.zeros_like(kl))
     return (kl.sum() / valid.sum().clamp_min(1) * (t * t)).float()
+
+
+CPP_BLOCK = 256  # pixels per block of the C++ kernels (a CUDA block's threads; a CPU task's inner loop)
 
 
 @triton.jit
@@ -176,6 +180,14 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=N
         n_b = v.view(b, hw).sum(1, dtype=torch.float32) if valid is not None else torch.full_like(nvalid, float(hw))
         wscale = weights.to(torch.float32) / n_b.clamp_min(1.0)  # [B]: the kernel's per-image scale
 
+    if use_cpp("pixel_kl", s):  # the C++ kernel (csrc/) in place of the Triton launch, same buffers
+        block = CPP_BLOCK
+        kl = empty((b, -(-hw // block)), torch.float32, dev)
+        g = empty_like(student) if write_grad else s.new_empty(0)
+        _cpp.ops().pixel_kl(s, t, None if valid is None else v, nvalid, None if weights is None else wscale, kl, g,
+                            float(temperature), write_grad, block)
+        return _pixel_kl_loss(kl, nvalid, wscale, temperature, weights is not None), g
+
     c_pad = next_pow2(c)
     one_tile = c_pad <= 256
     c_block = c_pad if one_tile else 64
@@ -192,10 +204,14 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=N
         1.0 / float(temperature), float(temperature),
         HAS_VALID=valid is not None, HAS_WEIGHTS=weights is not None, WRITE_GRAD=write_grad, C_BLOCK=c_block,
         HW_BLOCK=hw_block, ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
-    if weights is not None:
-        return (kl.sum(1) * wscale).sum() * (float(temperature) ** 2), g
-    loss = kl.sum() * (float(temperature) ** 2) / nvalid.clamp_min(1.0)
-    return loss, g
+    return _pixel_kl_loss(kl, nvalid, wscale, temperature, weights is not None), g
+
+
+def _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted):
+    """The loss from the kernel's per-block KL sums kl [B, n_blocks]."""
+    if weighted:
+        return (kl.sum(1) * wscale).sum() * (float(temperature) ** 2)
+    return kl.sum() * (float(temperature) ** 2) / nvalid.clamp_min(1.0)
 
 
 @torch.library.custom_op("segkd::pixel_kl", mutates_args=())
@@ -219,11 +235,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    scale_grad_(grad, grad_loss)
+    scale_grad(grad, grad_loss)
     return grad, None, None, None, None, None
 
 
 _pixel_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_PixelKlEager = eager_function(pixel_kl_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
@@ -232,7 +249,8 @@ def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
     weights: optional [B] per-image weights -> L_w, the weighted sum of per-image means, in one launch (DFSS's
     weighted KD); without them the loss is the mean over all valid pixels of the batch, as before.
 
-    Runs the fused kernel when `kernels._dispatch.use_triton` says so. A teacher or weights that require grad
+    Runs the fused Triton kernel when `kernels._dispatch.use_triton` says so, the C++ one (csrc/) under
+    SEGKD_KERNELS=cuda. A teacher or weights that require grad
     (the fused kernel only differentiates the student) take the torch reference, which is exact.
     """
     if student.dim() != 4 or student.shape != teacher.shape:
@@ -244,6 +262,7 @@ def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
         raise ValueError(f"pixel_kl: weights must be a floating-point [B] = [{student.shape[0]}] tensor, got "
                          f"{weights.dtype} {tuple(weights.shape)}")
     fixed = (teacher,) if weights is None else (teacher, weights)  # what the fused kernel does not differentiate
-    if not use_triton(student, *fixed) or needs_grad(*fixed):
+    if not (use_cpp("pixel_kl", student) or use_triton(student, *fixed, op="pixel_kl")) or needs_grad(*fixed):
         return pixel_kl_reference(student, teacher, temperature, valid, weights)
-    return _pixel_kl_op(student, teacher, valid, float(temperature), needs_grad(student), weights)[0]
+    op = _PixelKlEager.apply if eager_cpp(student) else _pixel_kl_op
+    return op(student, teacher, valid, float(temperature), needs_grad(student), weights)[0]

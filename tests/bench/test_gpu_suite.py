@@ -2,6 +2,7 @@
 its files under the device's name and ends with the table of parts; GPU figures are not checked here."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,7 +30,10 @@ def test_dry_run_writes_every_part(tmp_path):
     # correctness: every fused op, each dtype and layout at least once, all within tolerance
     rows = parts["workload"]["rows"]
     assert {r["op"] for r in rows} == {"pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "prototype_kl",
-                                       "bn_stat_distance", "pairwise_similarity_loss", "class_centre_mse"}
+                                       "bn_stat_distance", "pairwise_similarity_loss", "class_centre_mse",
+                                       "teacher conv_bias_relu"}
+    (teacher,) = [r for r in rows if r["op"] == "teacher conv_bias_relu"]  # the lean teacher, fused and not
+    assert teacher["ok"] and teacher["fused ms"] > 0 and teacher["unfused ms"] > 0
     assert {(r["dtype"], r["layout"]) for r in rows} == {(d, lay) for d in ("float32", "bfloat16", "float16")
                                                          for lay in ("contiguous", "channels_last")}
     assert all(r["ok"] and r["grad rel err"] <= r["grad bound"] for r in rows)
@@ -41,6 +45,9 @@ def test_dry_run_writes_every_part(tmp_path):
 
     # timings and the training step: measured figures, and what needs CUDA said to be skipped
     assert all(r["ms"] > 0 for r in parts["timings"]["rows"])
+    if shutil.which("c++") and shutil.which("ninja"):  # the C++ backend beside ours, op by op
+        assert {r["op"] for r in parts["timings"]["rows"] if r["provider"] == "cpp"} == {
+            "pixel_kl", "channel_kl", "angular"}
     assert any("torch.compile: skipped: needs CUDA" in n for n in parts["timings"]["notes"])
     train = parts["train"]["rows"]
     assert {r["method"] for r in train if r["variant"] == "default"} == {"kd", "cad", "apd", "cwd"}

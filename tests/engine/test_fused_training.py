@@ -42,8 +42,8 @@ def test_fused_and_reference_paths_train_alike(method, teacher, tmp_path, monkey
     fused_calls = []
 
     def spy(real):
-        def use_triton(*tensors):
-            fused_calls.append(real(*tensors))
+        def use_triton(*tensors, **kwargs):
+            fused_calls.append(real(*tensors, **kwargs))
             return fused_calls[-1]
         return use_triton
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from engine.models import MODELS, SegOutput, build_model
-from engine.teacher import Frozen, TeacherForward, fold_batchnorm
+from engine.teacher import Frozen, TeacherForward, fold_batchnorm, lean_copy
 from speed_testing import run, teacher  # noqa: F401  (fixture)
 
 
@@ -69,6 +69,42 @@ def test_folded_teacher_equals_the_unfolded_one(name):
         scale = w.abs().max().item()
         torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * scale)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fused = lean_copy(model)  # folded, then conv + ReLU and conv + residual + ReLU as kernels.conv_bias_relu
+    assert not any(type(m) is nn.ReLU for m in fused.modules())  # every ReLU fused (MobileNetV2's are ReLU6)
+    with torch.no_grad():
+        got = fused(x)
+    for w, o in zip(want[:3], got[:3]):
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+def test_the_step_teacher_runs_its_convolutions_through_the_fused_op(monkeypatch):
+    """With a (stand-in) fused backend for CPU tensors, the lean teacher's forward calls it once per fused conv:
+    every conv of a ResNet-18 PSPNet but the downsample ones and the classifier, each with its residual where it
+    closes a block; the outputs are the model's."""
+    from kernels import conv_act
+
+    calls = []
+
+    def backend(x, weight, bias, residual, *args):
+        calls.append(residual is not None)
+        return conv_act.conv_bias_relu_reference(x, weight, bias, residual, *args)
+
+    monkeypatch.setitem(conv_act.BACKENDS, "cpu", backend)
+    monkeypatch.setattr(conv_act, "_verdicts", {})
+    torch.manual_seed(0)
+    model = randomised_bn(build_model("pspnet_r18", 5))
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        want = model(x)
+    out = TeacherForward(Frozen(model), torch.device("cpu"), None)(x)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    blocks = sum(type(m).__name__ == "BasicBlock" for m in model.modules())
+    downsample = sum(1 for n, m in model.named_modules() if n.endswith("downsample.0"))
+    fused_heads = 5  # the pyramid pooling's four 1x1 convs and the head's 3x3 (the classifier has no ReLU)
+    assert len(calls) == 1 + 2 * blocks + fused_heads == convs - downsample - 1  # all but downsample and classifier
+    assert sum(calls) == blocks  # conv2 of each block carries its residual
+    for w, o in zip(want[:3], out[:3]):
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
 
 
 def test_a_batchnorm_after_no_convolution_is_kept():

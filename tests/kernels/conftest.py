@@ -1,18 +1,13 @@
 import pytest
 
 import kernels._dispatch as dispatch
-from kernel_testing import DEVICE
+from kernel_testing import force_backend
 
 
 @pytest.fixture
 def fused(monkeypatch):
     """Force the Triton path (interpreted on CPU) and poison every buffer a kernel must fill."""
-    if not dispatch.HAS_TRITON:
-        pytest.skip(f"triton cannot be imported: {dispatch.TRITON_ERROR!r}")
-    if DEVICE == "cpu" and not dispatch.INTERPRETED:
-        pytest.skip("no GPU and TRITON_INTERPRET was not set before triton was imported")
-    monkeypatch.setenv("SEGKD_KERNELS", "triton")
-    monkeypatch.setattr(dispatch, "POISON", True)
+    force_backend("triton", monkeypatch)
 
 
 @pytest.fixture(params=["default", "small"])
@@ -22,4 +17,5 @@ def row_tiles(request, monkeypatch):
     if request.param == "small":
         monkeypatch.setattr(dispatch, "ROW_BLOCK", 16)
         monkeypatch.setattr(dispatch, "ROW_CHUNK", 32)
+        monkeypatch.setattr("kernels.angular.CPP_CHUNK", 32)  # the C++ angular kernels' splits
     return request.param

@@ -4,6 +4,7 @@ import contextlib
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 
 import kernels._dispatch as dispatch
@@ -11,6 +12,32 @@ import kernels._dispatch as dispatch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GO = 0.37  # grad_output of a scalar loss: deliberately not 1
+
+
+def force_backend(backend, monkeypatch):
+    """SEGKD_KERNELS=backend for the test: "triton" (interpreted on CPU) or "cuda" (the C++ kernels of csrc/: their
+    CPU twins on CPU), and every buffer a kernel must fill poisoned."""
+    if backend == "triton":
+        if not dispatch.HAS_TRITON:
+            pytest.skip(f"triton cannot be imported: {dispatch.TRITON_ERROR!r}")
+        if DEVICE == "cpu" and not dispatch.INTERPRETED:
+            pytest.skip("no GPU and TRITON_INTERPRET was not set before triton was imported")
+    else:
+        from kernels import _cpp
+
+        if _cpp.ops() is None:  # tests/kernels/test_kernels_cpp.py fails where a compiler is present
+            pytest.skip(f"the C++ kernels (csrc/) cannot be built here: {_cpp.ERROR!r}")
+    monkeypatch.setenv("SEGKD_KERNELS", backend)
+    monkeypatch.setattr(dispatch, "POISON", True)
+
+
+@pytest.fixture(params=["triton", "cuda"], name="fused")
+def both_kernels(request, monkeypatch):
+    """The `fused` fixture of the ops with a C++ kernel too (csrc/; import it into the op's test module): every test
+    of the fused op runs on both kernels, Triton (interpreted on CPU) and C++ (its CPU twin here, its CUDA kernel on
+    a GPU), against the same references and tolerances."""
+    force_backend(request.param, monkeypatch)
+    return request.param
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, seed=None):

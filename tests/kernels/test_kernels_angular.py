@@ -6,8 +6,10 @@ import torch
 import kernels
 from kernel_testing import (DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies,
                             randn, t64, unit)
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import angular_loss
 from kernels.angular import MODES, angular_loss_reference
+
 
 SHAPES = [(2, 19, 5, 7), (1, 11, 3, 33), (2, 21, 4, 4), (1, 150, 3, 5), (1, 171, 2, 9)]
 

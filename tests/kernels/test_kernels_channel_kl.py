@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import (DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies, randn,
-                            softmax, t64)
+from kernel_testing import (DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies,
+                            randn, softmax, t64)
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import channel_kl
 from kernels.channel_kl import channel_kl_reference
+
 
 SHAPES = [(2, 19, 5, 7), (1, 11, 9, 13), (2, 21, 4, 4), (1, 150, 3, 5), (1, 171, 2, 9)]
 

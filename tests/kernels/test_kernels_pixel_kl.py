@@ -8,8 +8,10 @@ import torch
 import kernels
 from kernel_testing import (DEVICE, DTYPES, GO, LAYOUT_PAIRS, NUMPY_SHAPES, RNG, compare, laid_out, layout_copies,
                             randn, softmax, t64)
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import pixel_kl
 from kernels.pixel_kl import pixel_kl_reference
+
 
 # C: the awkward class counts (CamVid 11, Cityscapes 19, VOC 21, ADE20K 150, COCO-Stuff 171) and 300, past the
 # one-tile limit (the chunked online-softmax path); H*W never a multiple of a block; batch 1.

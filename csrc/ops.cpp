@@ -1,0 +1,34 @@
+// The one binding file of segkd's C++ kernels: the `segkd_cpp` operator namespace, its CPU implementations and,
+// when built with CUDA (SEGKD_WITH_CUDA, set by kernels/_cpp.py when nvcc and a CUDA torch are present), its CUDA
+// ones. Loaded into the process as a plain library (no Python module): the ops are torch.ops.segkd_cpp.<name>.
+// Autograd and torch.compile go through kernels/<op>.py's torch.library custom ops, which call these.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(segkd_cpp, m) {
+  m.def("pixel_kl(Tensor s, Tensor t, Tensor? valid, Tensor nvalid, Tensor? wscale, Tensor(a!) kl, Tensor(b!) g, "
+        "float temperature, bool write_grad, int block) -> ()");
+  m.def("channel_kl(Tensor s, Tensor t, Tensor(a!) kl, Tensor(b!) g, float temperature, bool write_grad) -> ()");
+  m.def("angular_stats(Tensor s, Tensor t, int mode, int chunk, Tensor(a!) out) -> ()");
+  m.def("angular_apply(Tensor s, Tensor t, Tensor k, int mode, Tensor(a!) g) -> ()");
+  m.def("scale_grad_(Tensor(a!) g, Tensor grad_output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(segkd_cpp, CPU, m) {
+  m.impl("pixel_kl", &segkd::pixel_kl_cpu);
+  m.impl("channel_kl", &segkd::channel_kl_cpu);
+  m.impl("angular_stats", &segkd::angular_stats_cpu);
+  m.impl("angular_apply", &segkd::angular_apply_cpu);
+  m.impl("scale_grad_", &segkd::scale_grad_cpu);
+}
+
+#ifdef SEGKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(segkd_cpp, CUDA, m) {
+  m.impl("pixel_kl", &segkd::pixel_kl_cuda);
+  m.impl("channel_kl", &segkd::channel_kl_cuda);
+  m.impl("angular_stats", &segkd::angular_stats_cuda);
+  m.impl("angular_apply", &segkd::angular_apply_cuda);
+  m.impl("scale_grad_", &segkd::scale_grad_cuda);
+}
+#endif

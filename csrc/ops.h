@@ -1,0 +1,56 @@
+// Declarations of segkd's C++ kernels: each op has a CPU twin (csrc/cpu/<op>.cpp) and, in a CUDA build, a CUDA
+// kernel (csrc/cuda/<op>.cu) with the same signature; csrc/ops.cpp registers both under one TORCH_LIBRARY.
+//
+// The ops are kernels, not whole losses: kernels/<op>.py allocates their outputs (poisoned under the tests), computes
+// the small per-batch scalars, and reduces the per-block partial sums, exactly as around its Triton launch; the C++
+// kernel replaces the Triton launch. Tensors are [B, C, H, W] whose H and W strides merge into one pixel stride
+// (NCHW and channels-last both do: kernels._dispatch.strided_bchw guarantees it), read in place through strides.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace segkd {
+
+// (batch, channel, pixel) element strides of a [B, C, H, W] tensor whose H and W strides merge
+struct Bchw {
+  int64_t b, c, p;
+};
+
+inline Bchw bchw_strides(const at::Tensor& x) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const int64_t p = h == 1 ? x.stride(3) : (w == 1 ? x.stride(2) : x.stride(3));
+  return {x.stride(0), x.stride(1), p};
+}
+
+// pixel_kl (kernels/pixel_kl.py): per block of `block` pixels of image b, the sum over its valid pixels of
+// sum_c p_t (log p_t - log p_s) into kl[b, block index], and (write_grad) dL/dz_s for grad_output = 1 into g:
+// grad_scale (p_s - p_t) on valid pixels, 0 elsewhere, grad_scale = T / max(nvalid, 1) or T * wscale[b].
+void pixel_kl_cpu(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& valid,
+                  const at::Tensor& nvalid, const c10::optional<at::Tensor>& wscale, at::Tensor& kl, at::Tensor& g,
+                  double temperature, bool write_grad, int64_t block);
+void pixel_kl_cuda(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& valid,
+                   const at::Tensor& nvalid, const c10::optional<at::Tensor>& wscale, at::Tensor& kl, at::Tensor& g,
+                   double temperature, bool write_grad, int64_t block);
+
+// channel_kl (kernels/channel_kl.py): per row (b, c) of H*W logits, sum_hw q_t (log q_t - log q_s) into
+// kl[b * C + c], and (write_grad) T / (B*C) (q_s - q_t) into g.
+void channel_kl_cpu(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
+                    bool write_grad);
+void channel_kl_cuda(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
+                     bool write_grad);
+
+// angular_loss (kernels/angular.py), mode 0 layer, 1 channel, 2 point. Groups: samples b (layer: elements (c, p)
+// in logical NCHW order), rows (b, c) (channel: elements p), pixels (b, p) (point: elements c). Layer and channel
+// groups are cut into splits of `chunk` elements: out [3, G, S] gets each split's sums of s*s, t*t, s*t (point: S =
+// 1). angular_apply writes g = k[0, group] * s - k[1, group] * t (k [2, G] fp32) in g's own layout.
+void angular_stats_cpu(const at::Tensor& s, const at::Tensor& t, int64_t mode, int64_t chunk, at::Tensor& out);
+void angular_stats_cuda(const at::Tensor& s, const at::Tensor& t, int64_t mode, int64_t chunk, at::Tensor& out);
+void angular_apply_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& k, int64_t mode, at::Tensor& g);
+void angular_apply_cuda(const at::Tensor& s, const at::Tensor& t, const at::Tensor& k, int64_t mode, at::Tensor& g);
+
+// scale_grad_ (kernels/_grad_scale.py): g *= grad_output in place, untouched when grad_output == 1.
+void scale_grad_cpu(at::Tensor& g, const at::Tensor& grad_output);
+void scale_grad_cuda(at::Tensor& g, const at::Tensor& grad_output);
+
+}  // namespace segkd

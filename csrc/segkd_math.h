@@ -1,0 +1,70 @@
+// The per-element math of segkd's C++ kernels, shared by the CUDA kernels (csrc/cuda/) and their CPU twins
+// (csrc/cpu/): each function is __host__ __device__ under nvcc and a plain inline function in the CPU build, so
+// the arithmetic CI checks on the CPU is the arithmetic the GPU runs. Everything here is fp32, whatever the
+// tensors' dtype (loads are converted to float before they reach these functions).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SEGKD_HD __host__ __device__ __forceinline__
+#else
+#define SEGKD_HD inline
+#endif
+
+namespace segkd {
+
+// Start of a running max: the lowest finite float rather than -inf, so that the CPU build may use
+// -ffast-math (finite-math-only) and exp(start - max) is exactly 0 for any finite max.
+constexpr float kLowest = -FLT_MAX;
+
+// ---- a softmax over one axis, in three passes: the max m of x = z / T, the log of sum exp(x - m), then
+// log p = x - m - log sum.
+SEGKD_HD float max2(float a, float b) { return a > b ? a : b; }
+SEGKD_HD float exp_shifted(float x, float m) { return expf(x - m); }
+SEGKD_HD float log_prob(float x, float m, float log_sum) { return (x - m) - log_sum; }
+
+// ---- the KD term of one element of two softmaxes. A softmax over an axis, after its first two passes:
+struct Softmax {
+  float m;        // max of x = z / T over the axis
+  float log_sum;  // log of sum exp(x - m)
+  float inv_sum;  // 1 / sum exp(x - m)
+};
+
+SEGKD_HD Softmax softmax_stats(float m, float sum) { return {m, logf(sum), 1.0f / sum}; }
+
+// From x and e = exp_shifted(x, m) of the student (s) and the teacher (t): p = e / sum, log p = x - m - log sum,
+// kl = p_t (log p_t - log p_s) and its derivative in x_s times `grad_scale`, grad_scale (p_s - p_t). The CPU
+// twins keep e from the second pass; the CUDA kernels recompute it (the same expf of the same operands).
+struct KdTerm {
+  float kl;
+  float grad;
+};
+
+SEGKD_HD KdTerm kd_term(float xs, float es, const Softmax& S, float xt, float et, const Softmax& T,
+                        float grad_scale) {
+  const float ps = es * S.inv_sum, pt = et * T.inv_sum;
+  const float lps = log_prob(xs, S.m, S.log_sum), lpt = log_prob(xt, T.m, T.log_sum);
+  return {pt * (lpt - lps), grad_scale * (ps - pt)};
+}
+
+// ---- angular distillation (kernels/angular.py): the three sums of a group of student / teacher elements, and
+// the gradient dL/ds = k1 s - k2 t of one element, with k1, k2 the group's factors computed from those sums.
+struct AngularSums {
+  float ss, tt, st;
+};
+
+SEGKD_HD void angular_add(AngularSums& a, float s, float t) {
+  a.ss += s * s;
+  a.tt += t * t;
+  a.st += s * t;
+}
+
+SEGKD_HD float angular_grad(float k1, float k2, float s, float t) { return k1 * s - k2 * t; }
+
+// ---- the in-place gradient scaling of backward (kernels/_grad_scale.py): g * grad_output
+SEGKD_HD float scaled_grad(float g, float grad_output) { return g * grad_output; }
+
+}  // namespace segkd
