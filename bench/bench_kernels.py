@@ -15,7 +15,8 @@ Providers, side by side in one run, forward and forward+backward:
   ours     the public `kernels` entry point: the Triton kernels on CUDA, the torch reference on CPU
            (the Triton kernels through the interpreter with --interpret)
   cpp      the same entry point under SEGKD_KERNELS=cuda: the C++ kernels of csrc/ (CUDA kernels on a GPU, their
-           CPU twins on CPU) for the ops that have them (pixel_kl, channel_kl, angular), built on first use
+           CPU twins on CPU) for the ops that have them (pixel_kl, channel_kl, angular, masked_avg_pool, bn_stat), built
+           on first use
 
 Figures: median milliseconds (triton.testing.do_bench on a GPU, wall clock on CPU); GB/s of compulsory
 traffic (each input read once, each output and input gradient written once: the least any implementation
@@ -167,7 +168,7 @@ def cases(op, small):
                         "cpp": lambda s, t, m=mode: kernels.angular_loss(s, t, m)},
                        2 * n, 3 * n)
     elif op == "masked_avg_pool":
-        shapes = ([(2, 64, 16, 32, 19, torch.float32)] if small else
+        shapes = ([(2, 64, 16, 32, 19, torch.float32), (2, 256, 32, 64, 19, torch.bfloat16)] if small else
                   [(8, 512, 64, 128, 19, d) for d in (torch.bfloat16, torch.float32)]
                   + [(8, 512, 64, 64, 150, torch.bfloat16)])
         for b, c, h, w, k, d in shapes:
@@ -181,18 +182,19 @@ def cases(op, small):
             yield (f"{b}x{c}x{h}x{w} K={k}", d, make,
                    {"eager": lambda f, y, k=k: ifvd_class_means(f, y, k),
                     "compile": lambda f, y, k=k: masked_avg_pool_reference(f, y, k)[0],
-                    "ours": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k)[0]},
+                    "ours": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k)[0],
+                    "cpp": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k)[0]},
                    n + lab_bytes, 2 * n + lab_bytes)
     elif op == "bn_stat":
-        shapes = [(2, 64, 16, 32, torch.float32)] if small else [(8, 512, 64, 128, d)
-                                                                 for d in (torch.bfloat16, torch.float32)]
+        shapes = ([(2, 64, 16, 32, torch.float32), (2, 256, 32, 64, torch.bfloat16)] if small else
+                  [(8, 512, 64, 128, d) for d in (torch.bfloat16, torch.float32)])
         for b, c, h, w, d in shapes:
             n = b * c * h * w * _elt(d)
             yield (f"{b}x{c}x{h}x{w}", d, lambda b=b, c=c, h=h, w=w, d=d: [_rand(b, c, h, w, dtype=d),
                                                                          _rand(c, dtype=torch.float32),
                                                                          _rand(c, dtype=torch.float32).abs()],
                    {"eager": bn_stat_distance_reference, "compile": bn_stat_distance_reference,
-                    "ours": kernels.bn_stat_distance}, n, 2 * n)
+                    "ours": kernels.bn_stat_distance, "cpp": kernels.bn_stat_distance}, n, 2 * n)
     elif op == "prototype_kl":
         shapes = ([(2, 64, 16, 32, 19, torch.float32)] if small else
                   [(8, 512, 64, 128, 19, d) for d in (torch.bfloat16, torch.float32)]
@@ -259,6 +261,8 @@ def backend(provider):
     if provider == "cpp":
         if _cpp.ops() is None:
             raise RuntimeError(f"the C++ kernels cannot be built here: {_cpp.ERROR!r}")
+        if DEVICE == "cuda" and not _cpp.HAS_CUDA:  # it would time the Triton fallback under the cpp label
+            raise RuntimeError("the C++ kernels were built without their CUDA part (no nvcc found)")
         os.environ["SEGKD_KERNELS"] = "cuda"
     try:
         yield

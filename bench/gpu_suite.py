@@ -3,6 +3,7 @@
     python bench/gpu_suite.py --out DIR                 # on a GPU: under 8 minutes on one H100/H200
     python bench/gpu_suite.py --out DIR --budget 300    # fewer repetitions and variants
     python bench/gpu_suite.py --out DIR --parts timings,train   # a subset (e.g. a rerun after a cut-off)
+    python bench/gpu_suite.py --out DIR --parts timings --budget 400   # room to build and check the C++ backend
     python bench/gpu_suite.py --dry-run --out /tmp/gs   # the same plan on the CPU at tiny shapes, in seconds
 
 Through the device tool, which copies the working tree (no install step: run from the repository root) and
@@ -30,7 +31,8 @@ incomplete (what ran passed, the budget cut the rest of its plan) or skipped:
              conv + bias + residual + ReLU (kernels.conv_bias_relu) and unfused, against the fp32 teacher: error,
              how many conv configurations cuDNN fused, and the forward time of each.
   tests      1b. The kernel test suite (tests/kernels, pytest in a subprocess: on a GPU the kernels run
-             compiled), counted per file; a run stopped by the budget keeps the counts so far.
+             compiled), counted per file; a run stopped by the budget keeps the counts so far. The C++ variants
+             are left out (building the library with nvcc takes minutes): part 2 checks them.
   training   1c. 3 training steps of kd, cad, apd, cwd, dfss and dfad through engine.trainer.Trainer with the
              fused kernels (SEGKD_KERNELS=triton, outputs poisoned) and with the torch reference
              (SEGKD_KERNELS=torch): random R101 teacher -> R18 student, 256x512 crops, batch 4, same seed, batches
@@ -39,7 +41,8 @@ incomplete (what ran passed, the budget cut the rest of its plan) or skipped:
   timings    2. Kernel timings from bench/bench_kernels.py: median ms of forward and forward+backward, GB/s,
              % of the device-to-device copy bandwidth measured in the same run, peak memory; eager CIRKD-style
              torch, ours (Triton), the C++ backend of csrc/ where an op has one (built on first use, needs nvcc
-             and ninja there), torch.compile (as the budget allows).
+             and ninja there; first checked against float64 at the workload shapes, bf16 channels-last and fp32
+             NCHW, as 1a checks Triton), torch.compile (as the budget allows).
   train      3. The training step from bench/train_throughput.py: images/s and ms/step of segkd against the
              CIRKD-style loop (bench/cirkd_reference.py) for kd, cad, apd, cwd at the workload (random
              weights), the share of the loss in segkd's phase profile (engine/profile.py), and segkd alone in
@@ -443,7 +446,7 @@ def rel_err(x, ref):
     return diff / norm if norm > 0 else diff
 
 
-def compare(ours_fn, ref_fn, inputs, grad_idx):
+def compare(ours_fn, ref_fn, inputs, grad_idx, mode="triton"):
     """Ours (fused, poisoned) and the torch reference in the inputs' dtype, each against the float64 reference.
     -> {"fwd"|"grad": (rel err of ours, rel err of torch, bound)} for the worst output / gradient, where
     bound = 2 * torch's + the kernel tests' allowance for the result's dtype (tests/kernels/kernel_testing.py)."""
@@ -453,7 +456,7 @@ def compare(ours_fn, ref_fn, inputs, grad_idx):
         g = torch.Generator().manual_seed(1)
         return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
 
-    with kernel_path("triton", poison=True):
+    with kernel_path(mode, poison=True):  # triton, or cuda: the C++ kernels of csrc/
         ours = run_op(ours_fn, inputs, grad_idx, upstream)
     ref = run_op(ref_fn, [x.double() if x.is_floating_point() else x for x in inputs], grad_idx, upstream)
     same = run_op(ref_fn, inputs, grad_idx, upstream)
@@ -603,8 +606,10 @@ def part_tests(suite):
     """1b: pytest over the kernel tests in a subprocess (the default markers: `slow` ones are left out)."""
     selection = kernel_test_selection(suite)
     output = suite.path("_tests_pytest.txt")
+    # the C++ variants (the `cuda` backend, test_kernels_cpp.py) stay out: building the library with nvcc would
+    # spend minutes of this part's share; part 2 builds it and checks it at the workload shapes (cpp_correctness)
     cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", f"--junitxml={suite.path('_tests_junit.xml')}",
-           *selection]
+           "-k", "not cuda and not cpp", *selection]
     env = {k: v for k, v in os.environ.items() if k != "SEGKD_KERNELS"}
     env["PYTHONUNBUFFERED"] = "1"
     timeout = max(suite.left(), 10.0)
@@ -847,14 +852,19 @@ def part_timings(suite):
         expected += 2 * sum(p in provs for p in first)  # fwd and fwd+bwd of each provider the op has
         suite.add(*bk.run_case(op, label, dtype, make, provs, bf, bfb, first, reps, copy_gbs))
         release()
-    cpp_cases = [c for c in cases if "cpp" in c[4]]
+    cpp_cases, cpp_failed = [c for c in cases if "cpp" in c[4]], False
     if cpp_cases and suite.left() > (30 if suite.dry else 120):  # the C++ backend (csrc/), op by op beside ours
         from kernels import _cpp
 
         t0 = time.perf_counter()
         built = _cpp.ops() is not None  # the first use builds it: a minute or more with nvcc
         notes.append(f"C++ backend (csrc/): {'built' if built else 'NOT built'} in {time.perf_counter() - t0:.0f} s"
-                     + ("" if built else f" ({str(_cpp.ERROR).splitlines()[0][:200] if _cpp.ERROR else '?'})"))
+                     + ("" if built else f" ({str(_cpp.ERROR).splitlines()[0][:200] if _cpp.ERROR else '?'})")
+                     + (" WITHOUT its CUDA kernels (no nvcc): not timed" if built and suite.cuda and not _cpp.HAS_CUDA
+                        else ""))
+        built = built and (_cpp.HAS_CUDA or not suite.cuda)
+        if built:
+            cpp_failed = cpp_correctness(suite, notes)
         for op, label, dtype, make, provs, bf, bfb in cpp_cases if built else []:
             if suite.left() <= 0:
                 notes.append(f"cpp of {op} {label} {dtype}: skipped: budget")
@@ -897,8 +907,38 @@ def part_timings(suite):
     summary = f"{len(rows)} timings of {len(cases) - len(skipped)} cases, copy {copy_gbs:.0f} GB/s; " + "; ".join(
         f"{r['op']} {r['shape']} {r['dtype']} fwd+bwd ours {r['ms']:.3f} ms = {r['speedup_vs_eager']:.1f}x eager, "
         f"{100 * r['copy_frac']:.0f}% copy BW" for r in heads if r["speedup_vs_eager"])
-    return {"status": outcome(rows, got < expected, skipped or skipped_compile), "summary": summary, "rows": rows,
-            "notes": notes + bk.targets(rows)}
+    return {"status": outcome(rows, got < expected or cpp_failed, skipped or skipped_compile), "summary": summary,
+            "rows": rows, "notes": notes + bk.targets(rows)}
+
+
+def cpp_correctness(suite, notes):
+    """The C++ backend (SEGKD_KERNELS=cuda) against float64 at the workload shapes, as part 1a checks Triton: every op
+    it has, bf16 channels-last and fp32 NCHW. Adds a note; True when a case failed. (Part 1b leaves the C++ variants
+    of the kernel tests out: their first one would spend minutes of its share building the library.)"""
+    from kernels import _cpp
+
+    work = DRY_WORKLOAD if suite.dry else WORKLOAD
+    names = {"angular_loss", "bn_stat_distance", "masked_avg_pool", "pixel_kl", "channel_kl"} & set(_cpp.CPP_OPS)
+    results = []
+    for op, what, make, ours_fn, ref_fn, grad_idx in op_cases(work, suite.device):
+        if op not in names:
+            continue
+        for dtype, layout in ((torch.bfloat16, "channels_last"), (torch.float32, "contiguous")):
+            if suite.left() <= 0:
+                break
+            name = f"{op} {what} {str(dtype).replace('torch.', '')} {layout}"
+            try:
+                res = compare(ours_fn, ref_fn, make(dtype, layout), grad_idx, mode="cuda")
+                results.append((name, all(e <= bound for e, _, bound in res.values()), res))
+            except Exception as err:
+                suite.note(f"cpp {name}:\n{traceback.format_exc()}")
+                results.append((name, False, f"{type(err).__name__}: {str(err)[:160]}"))
+            suite.say(f"  {'ok  ' if results[-1][1] else 'FAIL'} cpp {name}")
+            release()
+    bad = [r for r in results if not r[1]]
+    notes.append(f"C++ backend vs float64 at the workload shapes: {len(results) - len(bad)}/{len(results)} cases within "
+                 "tolerance" + ("; FAILED: " + ", ".join(r[0] for r in bad[:6]) if bad else ""))
+    return bool(bad)
 
 
 # ----------------------------------------------------------------------------- 3: the training step

@@ -12,6 +12,11 @@ TORCH_LIBRARY(segkd_cpp, m) {
   m.def("channel_kl(Tensor s, Tensor t, Tensor(a!) kl, Tensor(b!) g, float temperature, bool write_grad) -> ()");
   m.def("angular_stats(Tensor s, Tensor t, int mode, int chunk, Tensor(a!) out) -> ()");
   m.def("angular_apply(Tensor s, Tensor t, Tensor k, int mode, Tensor(a!) g) -> ()");
+  m.def("bn_stat(Tensor x, int chunk, Tensor(a!) out) -> ()");
+  m.def("bn_stat_apply(Tensor x, Tensor k, Tensor(a!) g) -> ()");
+  m.def("class_sums(Tensor f, Tensor y, int K, int ignore_index, Tensor? a, Tensor? e, Tensor(a!) sums, "
+        "Tensor(b!) counts) -> ()");
+  m.def("class_gather(Tensor y, Tensor gp, int ignore_index, Tensor(a!) g) -> ()");
   m.def("scale_grad_(Tensor(a!) g, Tensor grad_output) -> ()");
 }
 
@@ -20,6 +25,10 @@ TORCH_LIBRARY_IMPL(segkd_cpp, CPU, m) {
   m.impl("channel_kl", &segkd::channel_kl_cpu);
   m.impl("angular_stats", &segkd::angular_stats_cpu);
   m.impl("angular_apply", &segkd::angular_apply_cpu);
+  m.impl("bn_stat", &segkd::bn_stat_cpu);
+  m.impl("bn_stat_apply", &segkd::bn_stat_apply_cpu);
+  m.impl("class_sums", &segkd::class_sums_cpu);
+  m.impl("class_gather", &segkd::class_gather_cpu);
   m.impl("scale_grad_", &segkd::scale_grad_cpu);
 }
 
@@ -29,6 +38,10 @@ TORCH_LIBRARY_IMPL(segkd_cpp, CUDA, m) {
   m.impl("channel_kl", &segkd::channel_kl_cuda);
   m.impl("angular_stats", &segkd::angular_stats_cuda);
   m.impl("angular_apply", &segkd::angular_apply_cuda);
+  m.impl("bn_stat", &segkd::bn_stat_cuda);
+  m.impl("bn_stat_apply", &segkd::bn_stat_apply_cuda);
+  m.impl("class_sums", &segkd::class_sums_cuda);
+  m.impl("class_gather", &segkd::class_gather_cuda);
   m.impl("scale_grad_", &segkd::scale_grad_cuda);
 }
 #endif

@@ -7,8 +7,14 @@
 // (NCHW and channels-last both do: kernels._dispatch.strided_bchw guarantees it), read in place through strides.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+
+// Label tensors of the C++ kernels: int64, int32 or uint8 (kernels/<op>.py converts any other integer dtype).
+#define SEGKD_DISPATCH_LABELS(TYPE, NAME, ...)                                                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
 
 namespace segkd {
 
@@ -48,6 +54,27 @@ void angular_stats_cpu(const at::Tensor& s, const at::Tensor& t, int64_t mode, i
 void angular_stats_cuda(const at::Tensor& s, const at::Tensor& t, int64_t mode, int64_t chunk, at::Tensor& out);
 void angular_apply_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& k, int64_t mode, at::Tensor& g);
 void angular_apply_cuda(const at::Tensor& s, const at::Tensor& t, const at::Tensor& k, int64_t mode, at::Tensor& g);
+
+// bn_stat_distance (kernels/bn_stat.py): per row (b, c) of H*W values and split of `chunk` of them, the sums of
+// x - k and (x - k)^2 with k = x[b, c, first pixel] into out [2, B*C, S]; bn_stat_apply writes the backward's
+// g = k[0, row] (x - k[1, row]) + k[2, row] (k [3, B*C] fp32) into g (dense, its own layout).
+void bn_stat_cpu(const at::Tensor& x, int64_t chunk, at::Tensor& out);
+void bn_stat_cuda(const at::Tensor& x, int64_t chunk, at::Tensor& out);
+void bn_stat_apply_cpu(const at::Tensor& x, const at::Tensor& k, at::Tensor& g);
+void bn_stat_apply_cuda(const at::Tensor& x, const at::Tensor& k, at::Tensor& g);
+
+// masked_avg_pool (kernels/masked_avg_pool.py). class_sums: per image b, split s of the pixels (S = sums.size(1))
+// and channel c, sums[b, s, k, c] = sum over the split's pixels p labelled k of a[b, p] f[b, c, p] (a = 1 when
+// absent), and counts[b, s, k] = the sum of e[b, p] (1 when absent) over them; labels outside [0, K) or equal to
+// ignore_index count nowhere. class_gather: g[b, c, p] = gp[b, y[b, p], c] for counted pixels, else 0.
+void class_sums_cpu(const at::Tensor& f, const at::Tensor& y, int64_t K, int64_t ignore_index,
+                    const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& e, at::Tensor& sums,
+                    at::Tensor& counts);
+void class_sums_cuda(const at::Tensor& f, const at::Tensor& y, int64_t K, int64_t ignore_index,
+                     const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& e, at::Tensor& sums,
+                     at::Tensor& counts);
+void class_gather_cpu(const at::Tensor& y, const at::Tensor& gp, int64_t ignore_index, at::Tensor& g);
+void class_gather_cuda(const at::Tensor& y, const at::Tensor& gp, int64_t ignore_index, at::Tensor& g);
 
 // scale_grad_ (kernels/_grad_scale.py): g *= grad_output in place, untouched when grad_output == 1.
 void scale_grad_cpu(at::Tensor& g, const at::Tensor& grad_output);

@@ -64,6 +64,26 @@ SEGKD_HD void angular_add(AngularSums& a, float s, float t) {
 
 SEGKD_HD float angular_grad(float k1, float k2, float s, float t) { return k1 * s - k2 * t; }
 
+// ---- BatchNorm statistic distance (kernels/bn_stat.py): sums of d = x - k and d^2 around a row's first value k
+// (the shift keeps E[x^2] - E[x]^2 from cancelling), and the backward's dd/dx = a (x - mu) + c0.
+struct ShiftedSums {
+  float s1, s2;
+};
+
+SEGKD_HD void shifted_add(ShiftedSums& a, float x, float k) {
+  const float d = x - k;
+  a.s1 += d;
+  a.s2 += d * d;
+}
+
+SEGKD_HD float bn_stat_grad(float a, float mu, float c0, float x) { return a * (x - mu) + c0; }
+
+// ---- masked average pooling (kernels/masked_avg_pool.py): whether a label counts (inside [0, K), not ignored),
+// and the gradient of a pixel: its class's prototype gradient, 0 where it does not count.
+SEGKD_HD bool counted_label(int64_t y, int64_t K, int64_t ignore_index) {
+  return y >= 0 && y < K && y != ignore_index;
+}
+
 // ---- the in-place gradient scaling of backward (kernels/_grad_scale.py): g * grad_output
 SEGKD_HD float scaled_grad(float g, float grad_output) { return g * grad_output; }
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss")  # the public ops with a C++ kernel (scale_grad_ serves their backward)
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fno-reciprocal-math", "-fopenmp-simd"]
+CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss", "bn_stat_distance", "masked_avg_pool")  # the public ops with a C++ kernel (scale_grad_ serves their backward)
+# -fopenmp: at::parallel_for is serial without it (ATen's ParallelOpenMP.h needs _OPENMP)
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fno-reciprocal-math", "-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
@@ -72,7 +73,7 @@ def build(verbose=False):
         os.makedirs(directory, exist_ok=True)
     define = ["-DSEGKD_WITH_CUDA"] if cuda else []
     load(name=name, sources=sources(cuda), extra_cflags=CFLAGS + define, extra_cuda_cflags=CUDA_CFLAGS + define,
-         extra_ldflags=["-lm"], extra_include_paths=[str(CSRC)], build_directory=directory, with_cuda=cuda,
+         extra_ldflags=["-lm", "-fopenmp"], extra_include_paths=[str(CSRC)], build_directory=directory, with_cuda=cuda,
          is_python_module=False,
          verbose=verbose)
     HAS_CUDA = cuda
@@ -87,12 +88,20 @@ def supports(*tensors):
     if not _state.get("warned_cuda"):
         _state["warned_cuda"] = True
         warnings.warn("SEGKD_KERNELS=cuda: segkd's C++ kernels were built without CUDA (no nvcc found: set CUDA_HOME); "
-                      "CUDA tensors run the Triton kernels instead", RuntimeWarning, stacklevel=4)
+                      "CUDA tensors take the `auto` path instead (the Triton kernels, or the torch reference without "
+                      "triton)", RuntimeWarning, stacklevel=4)
     return False
 
 
 def ops():
     """torch.ops.segkd_cpp, built on the first call; None (after one warning) when it cannot be built."""
+    if _state["tried"]:  # no lock once built: torch.compile traces this lookup
+        return _state["ops"]
+    return _build_once()
+
+
+@torch.compiler.disable  # the first call may come from a compiled function: built outside the trace
+def _build_once():
     global ERROR
     if not _state["tried"]:
         with _lock:

@@ -15,7 +15,11 @@ mu = k + S1/N and var = S2/N - (S1/N)^2. The data-free generator backpropagates 
 """
 import torch
 
-from kernels._dispatch import empty, needs_grad, row_tiling, triton, tl, upcast, use_triton
+from kernels import _cpp
+from kernels._dispatch import (eager_cpp, eager_function, empty, needs_grad, row_tiling, strided_bchw, triton, tl,
+                               upcast, use_cpp, use_triton)
+
+CPP_CHUNK = 8192  # pixels per split of a row in the C++ kernels (a CPU task, a CUDA block)
 
 
 def bn_stat_distance_reference(x, running_mean, running_var):
@@ -78,15 +82,20 @@ def _bn_stat_bwd_kernel(
 
 def bn_stat_forward(x, running_mean, running_var):
     """Returns (d [B] fp32, mean [B, C] fp32, var [B, C] fp32)."""
-    x = x.contiguous()
     b, c = x.shape[:2]
     n = x[0, 0].numel()
-    block, chunk, n_splits = row_tiling(n)
-    partial = empty((2, b * c, n_splits), torch.float32, x.device)
-    _bn_stat_fwd_kernel[(b * c, n_splits)](x, partial, n, CHUNK=chunk, BLOCK=block,
-                                           num_warps=4 if block <= 1024 else 8)
+    if use_cpp("bn_stat_distance", x):  # the C++ kernel (csrc/) reads NCHW and channels-last in place
+        x = strided_bchw(x)[0]
+        partial = empty((2, b * c, -(-n // CPP_CHUNK)), torch.float32, x.device)
+        _cpp.ops().bn_stat(x, CPP_CHUNK, partial)
+    else:
+        x = x.contiguous()
+        block, chunk, n_splits = row_tiling(n)
+        partial = empty((2, b * c, n_splits), torch.float32, x.device)
+        _bn_stat_fwd_kernel[(b * c, n_splits)](x, partial, n, CHUNK=chunk, BLOCK=block,
+                                               num_warps=4 if block <= 1024 else 8)
     s1, s2 = partial.sum(2).reshape(2, b, c)
-    shift = x.reshape(b, c, n)[:, :, 0].float()  # a strided view of x when x is fp32
+    shift = x[:, :, 0, 0].float()  # each row's first pixel: the kernels' shift k
     mean = (shift + s1 / n).contiguous()
     var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
     d = (mean - running_mean.float()).norm(dim=1) + (var - running_var.float()).norm(dim=1)
@@ -94,8 +103,9 @@ def bn_stat_forward(x, running_mean, running_var):
 
 
 def bn_stat_backward(x, running_mean, running_var, mean, var, grad_d):
-    """dd/dx (x dtype) for an upstream gradient grad_d [B]."""
-    x = x.contiguous()
+    """dd/dx (x dtype, NCHW-contiguous) for an upstream gradient grad_d [B]."""
+    cpp = use_cpp("bn_stat_distance", x)
+    x = strided_bchw(x)[0] if cpp else x.contiguous()  # the C++ kernel reads channels-last in place
     b, c = x.shape[:2]
     n = x[0, 0].numel()
     dm = mean - running_mean.float()  # [B, C]
@@ -106,8 +116,11 @@ def bn_stat_backward(x, running_mean, running_var, mean, var, grad_d):
     c0 = torch.where(nm > 0, go * dm / (n * nm.clamp_min(1e-30)), torch.zeros_like(dm))
     a = torch.where(nv > 0, go * 2 * dv / (n * nv.clamp_min(1e-30)), torch.zeros_like(dv))
     k = torch.stack([a.reshape(-1), mean.reshape(-1), c0.reshape(-1)])  # [3, B*C]
+    g = empty(x.shape, x.dtype, x.device)  # NCHW-contiguous, as the fake kernel says
+    if cpp:
+        _cpp.ops().bn_stat_apply(x, k, g)
+        return g
     block, chunk, n_splits = row_tiling(n)
-    g = empty(x.shape, x.dtype, x.device)
     _bn_stat_bwd_kernel[(b * c, n_splits)](x, k, g, n, CHUNK=chunk, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return g
 
@@ -152,15 +165,26 @@ def _backward(ctx, grad_d, _grad_mean, _grad_var):
 _bn_stat_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_eager(ctx, grad_d, _grad_mean, _grad_var):
+    x, running_mean, running_var, mean, var = ctx.saved_tensors
+    return bn_stat_backward(x, running_mean, running_var, mean, var, grad_d), None, None
+
+
+_BnStatEager = eager_function(bn_stat_forward, _setup_context, _backward_eager)  # see eager_cpp
+
+
 def bn_stat_distance(x, running_mean, running_var):
     """Per-sample BN-statistic distance; see the module docstring.
 
-    Fused kernels when `kernels._dispatch.use_triton` says so; running statistics that require grad take
-    the torch reference (the kernels differentiate x only).
+    Fused Triton kernels when `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under
+    SEGKD_KERNELS=cuda; running statistics that require grad take the torch reference (the kernels differentiate
+    x only).
     """
     if x.dim() != 4 or running_mean.shape != x.shape[1:2] or running_var.shape != x.shape[1:2]:
         raise ValueError(f"bn_stat_distance: x {tuple(x.shape)} must be [B, C, H, W] with running_mean "
                          f"{tuple(running_mean.shape)} and running_var {tuple(running_var.shape)} both [C]")
-    if not use_triton(x, running_mean, running_var) or needs_grad(running_mean, running_var):
+    if (not (use_cpp("bn_stat_distance", x) or use_triton(x, running_mean, running_var, op="bn_stat_distance"))
+            or needs_grad(running_mean, running_var)):
         return bn_stat_distance_reference(x, running_mean, running_var)
-    return _bn_stat_op(x, running_mean, running_var)[0]
+    op = _BnStatEager.apply if eager_cpp(x) else _bn_stat_op
+    return op(x, running_mean, running_var)[0]

@@ -84,16 +84,17 @@ def _run(x, weight, bias, residual, stride, padding, dilation, groups):
     verdict = _verdicts.get(key)
     if verdict is False:
         return conv_bias_relu_reference(*args)
-    if verdict is True:
-        return fused(*args)
-    try:  # first call of this configuration: check the fused backend against the reference on this input
+    try:  # the first call of a configuration is checked against the reference on its input, below
         got = fused(*args)
     except Exception as err:  # no fused engine for this configuration, or no such backend in this build
         _verdicts[key] = False
         _warn_once(x.device.type, f"raised {type(err).__name__}: {str(err).splitlines()[0][:160]}")
         return conv_bias_relu_reference(*args)
+    if verdict is True:
+        return got
     want = conv_bias_relu_reference(*args)
-    err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+    # relative error, with a 1e-6 RMS floor for an output the ReLU zeroes (almost) entirely
+    err = float((got.float() - want.float()).norm() / (want.float().norm() + 1e-6 * want.numel() ** 0.5))
     _verdicts[key] = ok = (got.shape == want.shape and err <= TOLERANCE.get(x.dtype, 3e-2))
     if not ok:
         _warn_once(x.device.type, f"disagreed with the reference (relative error {err:.1e}, shape "

@@ -15,8 +15,11 @@ of the same one-hot. Backward is a gather of the (tiny) prototype gradient at ea
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import (DOT_PRECISION, dot_dtype, empty, next_pow2, strided_bchw, triton, tl, upcast,
-                               use_triton)
+from kernels import _cpp
+from kernels._dispatch import (DOT_PRECISION, dot_dtype, eager_cpp, eager_function, empty, next_pow2, strided_bchw,
+                               triton, tl, upcast, use_cpp, use_triton)
+
+CPP_THREADS = 65536  # CUDA threads the C++ class sums aim for: pixel splits until (image, split, channel) fill them
 
 
 def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
@@ -143,6 +146,15 @@ def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
     b, c = f.shape[:2]
     hw = f[0, 0].numel()
     k = int(num_classes)
+    weighted = a is not None
+    if _use_cpp(f, k):  # the C++ kernels (csrc/): per (image, split, channel) K bins, no atomics
+        y = _cpp_labels(y)
+        n_splits = max(1, min(-(-CPP_THREADS // (b * c)), -(-hw // 64))) if f.is_cuda else 1
+        sums = empty((b, n_splits, k, c), torch.float32, f.device)
+        counts = empty((b, n_splits, k), torch.float32, f.device)
+        _cpp.ops().class_sums(f, y, k, int(ignore_index), a.float().contiguous() if weighted else None,
+                              e.float().contiguous() if weighted else None, sums, counts)
+        return sums.sum(1), counts.sum(1)
     k_pad = max(16, next_pow2(k))
     c_block, hw_block = _tiling(c, k_pad)
     n_cb = triton.cdiv(c, c_block)
@@ -153,7 +165,6 @@ def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
     n_splits = triton.cdiv(hw, chunk)
     sums = empty((b, n_splits, c, k_pad), torch.float32, f.device)
     counts = empty((b, n_splits, k_pad), torch.float32, f.device)
-    weighted = a is not None
     a, e = (a.float().contiguous(), e.float().contiguous()) if weighted else (sums, sums)  # unread unless weighted
     _masked_avg_pool_fwd_kernel[(n_cb, n_splits, b)](
         f, y, sums, counts, a, e, c, hw, k, int(ignore_index), *f_strides, CHUNK=chunk, C_BLOCK=c_block,
@@ -181,7 +192,7 @@ def class_weighted_sums_reference(feat, labels, num_classes, ignore_index, a, e)
 def class_weighted_sums(feat, labels, num_classes, ignore_index, a, e):
     """Per-class weighted sums of the features and of a per-pixel value (IFVD's backward needs both): fused, one
     pass over the features in place, when `use_triton` says so; else the torch reference. Not differentiable."""
-    if not use_triton(feat, labels):
+    if not (_use_cpp(feat, num_classes) or use_triton(feat, labels, op="masked_avg_pool")):
         return class_weighted_sums_reference(feat, labels, num_classes, ignore_index, a, e)
     return class_sums(feat, labels, num_classes, ignore_index, a, e)
 
@@ -194,8 +205,11 @@ def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype
     hw = y[0].numel()
     k = counts.shape[1]
     gp = (grad_protos.float() / counts.clamp_min(1)[..., None]).contiguous()  # [B, K, C]
-    c_block, hw_block = min(32, next_pow2(c)), 128
     g = empty(feat_shape, feat_dtype, y.device, _memory_format(channels_last))
+    if use_cpp("masked_avg_pool", y):
+        _cpp.ops().class_gather(_cpp_labels(y), gp, int(ignore_index), g)
+        return g
+    c_block, hw_block = min(32, next_pow2(c)), 128
     _masked_avg_pool_bwd_kernel[(triton.cdiv(hw, hw_block), triton.cdiv(c, c_block), b)](
         y, gp, g, c, hw, k, int(ignore_index), *strided_bchw(g)[1], C_BLOCK=c_block, HW_BLOCK=hw_block, num_warps=4)
     return g
@@ -256,14 +270,37 @@ def _backward(ctx, grad_protos, _grad_counts):
 _masked_avg_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_eager(ctx, grad_protos, _grad_counts):
+    labels, counts, feat_like = ctx.saved_tensors
+    if grad_protos is None:
+        return None, None, None, None
+    g = masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ctx.ignore_index,
+                                 ctx.channels_last)
+    return g, None, None, None
+
+
+_MaskedAvgPoolEager = eager_function(masked_avg_pool_forward, _setup_context, _backward_eager)  # see eager_cpp
+
+
+def _cpp_labels(y):
+    """Labels as the C++ kernels take them: int64, int32 or uint8 (another integer dtype is converted)."""
+    return y if y.dtype in (torch.int64, torch.int32, torch.uint8) else y.long()
+
+
+def _use_cpp(feat, num_classes):
+    """The C++ kernels for these features: SEGKD_KERNELS=cuda, and at most 256 classes on CUDA (their bins)."""
+    return use_cpp("masked_avg_pool", feat) and (not feat.is_cuda or int(num_classes) <= 256)
+
+
 def masked_avg_pool(feat, labels, num_classes, ignore_index=255):
-    """Class prototypes and pixel counts; see the module docstring. Fused kernels when
-    `kernels._dispatch.use_triton` says so."""
+    """Class prototypes and pixel counts; see the module docstring. Fused Triton kernels when
+    `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under SEGKD_KERNELS=cuda."""
     if feat.dim() != 4 or labels.shape != feat.shape[:1] + feat.shape[2:]:
         raise ValueError(f"masked_avg_pool: feat {tuple(feat.shape)} must be [B, C, H, W] and labels "
                          f"{tuple(labels.shape)} [B, H, W] at the same resolution")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"masked_avg_pool: labels must be an integer tensor, got {labels.dtype}")
-    if not use_triton(feat, labels):
+    if not (_use_cpp(feat, num_classes) or use_triton(feat, labels, op="masked_avg_pool")):
         return masked_avg_pool_reference(feat, labels, num_classes, ignore_index)
-    return _masked_avg_pool_op(feat, labels, int(num_classes), int(ignore_index))
+    op = _MaskedAvgPoolEager.apply if eager_cpp(feat) else _masked_avg_pool_op
+    return op(feat, labels, int(num_classes), int(ignore_index))

@@ -23,8 +23,7 @@ void scale_dense(scalar_t* p, int64_t n, float go) {
 }  // namespace
 
 void scale_grad_cpu(at::Tensor& g, const at::Tensor& grad_output) {
-  TORCH_CHECK(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "segkd_cpp::scale_grad_: g must be dense");
+  TORCH_CHECK(g.is_non_overlapping_and_dense(), "segkd_cpp::scale_grad_: g must be dense (any layout)");
   const float go = grad_output.to(at::kFloat).item<float>();  // CPU memory: no device sync
   if (go == 1.0f || g.numel() == 0) {
     return;

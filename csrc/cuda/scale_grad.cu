@@ -25,8 +25,7 @@ __global__ void scale_grad_kernel(scalar_t* __restrict__ g, const go_t* __restri
 }  // namespace
 
 void scale_grad_cuda(at::Tensor& g, const at::Tensor& grad_output) {
-  TORCH_CHECK(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "segkd_cpp::scale_grad_: g must be dense");
+  TORCH_CHECK(g.is_non_overlapping_and_dense(), "segkd_cpp::scale_grad_: g must be dense (any layout)");
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t n = g.numel();
   if (n == 0) return;

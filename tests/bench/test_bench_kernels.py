@@ -40,4 +40,4 @@ def test_bench_interpreted_triton_provider(tmp_path):
         pytest.skip("--interpret is a CPU-only mode")
     md, res = _bench(tmp_path, "--interpret", "--op", "masked_avg_pool")
     assert res["meta"]["ours runs"] == "triton (interpreted)"
-    assert {r["provider"] for r in res["rows"]} == {"eager", "ours"}
+    assert {"eager", "ours"} <= {r["provider"] for r in res["rows"]} <= {"eager", "ours", "cpp"}  # cpp: csrc/

@@ -47,7 +47,7 @@ def test_dry_run_writes_every_part(tmp_path):
     assert all(r["ms"] > 0 for r in parts["timings"]["rows"])
     if shutil.which("c++") and shutil.which("ninja"):  # the C++ backend beside ours, op by op
         assert {r["op"] for r in parts["timings"]["rows"] if r["provider"] == "cpp"} == {
-            "pixel_kl", "channel_kl", "angular"}
+            "pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat"}
     assert any("torch.compile: skipped: needs CUDA" in n for n in parts["timings"]["notes"])
     train = parts["train"]["rows"]
     assert {r["method"] for r in train if r["variant"] == "default"} == {"kd", "cad", "apd", "cwd"}

@@ -17,5 +17,6 @@ def row_tiles(request, monkeypatch):
     if request.param == "small":
         monkeypatch.setattr(dispatch, "ROW_BLOCK", 16)
         monkeypatch.setattr(dispatch, "ROW_CHUNK", 32)
-        monkeypatch.setattr("kernels.angular.CPP_CHUNK", 32)  # the C++ angular kernels' splits
+        monkeypatch.setattr("kernels.angular.CPP_CHUNK", 32)  # the C++ kernels' splits
+        monkeypatch.setattr("kernels.bn_stat.CPP_CHUNK", 32)
     return request.param

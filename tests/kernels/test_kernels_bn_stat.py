@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kernels
-from kernel_testing import DEVICE, DTYPES, RNG, compare, randn, t64
+from kernel_testing import DEVICE, DTYPES, RNG, compare, laid_out, randn, t64
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import bn_stat_distance
 from kernels.bn_stat import bn_stat_distance_reference
 
@@ -37,6 +38,15 @@ def test_large_mean_small_spread(fused, row_tiles):
     atol = 4 * 1000 * torch.finfo(torch.float32).eps
     (d,), _ = compare(bn_stat_distance, bn_stat_distance_reference, [x, rm, rv], atol=atol)
     assert torch.isfinite(d).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layouts_match_reference(fused, row_tiles, layout, dtype):
+    """Channels-last activations (the trainer's layout): the C++ kernels read them in place, Triton copies."""
+    x = laid_out(randn(2, 6, 5, 9, dtype=dtype, scale=2) + 1, layout)
+    rm, rv = randn(6) * 0.5, randn(6).abs() + 0.5
+    compare(bn_stat_distance, bn_stat_distance_reference, [x, rm, rv])
 
 
 def test_zero_distance_gives_zero_gradient_not_nan(fused):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernel_testing import DEVICE, DTYPES, GO, LAYOUT_PAIRS, compare, laid_out, layout_copies, randn
+from kernel_testing import DEVICE, DTYPES, GO, LAYOUT_PAIRS, compare, force_backend, laid_out, layout_copies, randn
 from kernels.ifvd import class_centre_mse, class_centre_mse_reference
 from kernels.masked_avg_pool import class_weighted_sums, class_weighted_sums_reference
 
@@ -156,8 +156,10 @@ def test_compiles_through_the_custom_op(fused):
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-5 * s64.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])  # masked_avg_pool's class-sum pass: Triton and C++
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_class_weighted_sums(fused, dtype):
+def test_class_weighted_sums(backend, dtype, monkeypatch):
+    force_backend(backend, monkeypatch)
     b, c, h, w, k = 2, 21, 7, 9, 5
     f = features(b, c, h, w, dtype)
     lab = make_labels(b, h, w, k)

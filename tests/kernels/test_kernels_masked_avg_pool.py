@@ -5,6 +5,7 @@ import torch
 
 import kernels
 from kernel_testing import DEVICE, DTYPES, RNG, compare, laid_out, layout_copies, randn, t64
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import masked_avg_pool
 from kernels.masked_avg_pool import masked_avg_pool_reference
 
