@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels._dispatch import use_triton
+from kernels._dispatch import use_cpp, use_triton
 
 
 def bn_layers(model):
@@ -58,15 +58,15 @@ def layer_distance(x, running_mean, running_var):
     """d_l(b) of the module docstring for one BN input x [B, C, H, W] -> [B] float32, reading x once and never
     making an fp32 copy of a 16-bit x.
 
-    Where the fused kernels run (CUDA tensors, or SEGKD_KERNELS=triton: kernels._dispatch.use_triton):
-    kernels.bn_stat_distance (its fused kernel reads x once, summing in fp32 registers; its launcher makes a
-    channels-last x contiguous, a same-dtype copy of the one layer). Elsewhere (the CPU, SEGKD_KERNELS=torch)
+    Where the fused kernels run (CUDA tensors, SEGKD_KERNELS=triton, or the C++ kernels under SEGKD_KERNELS=cuda):
+    kernels.bn_stat_distance (its fused kernel reads x once, summing in fp32 registers; the Triton launcher makes a
+    channels-last x contiguous, a same-dtype copy of the one layer; the C++ kernels read it in place). Elsewhere (the CPU, SEGKD_KERNELS=torch)
     torch.var_mean over H, W (one Welford pass in x's dtype) for fp32/fp64 x.
     torch.var_mean has no dtype argument and returns 16-bit statistics of a 16-bit x, and on CPU a reduction's
     `dtype=` converts the whole input first, so a 16-bit x is upcast one image at a time there: the fp32
     temporary is 1/B of the layer.
     """
-    if use_triton(x):
+    if use_triton(x, op="bn_stat_distance") or use_cpp("bn_stat_distance", x):
         return kernels.bn_stat_distance(x, running_mean, running_var)
     if x.dtype in (torch.float32, torch.float64):
         var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False)                     # [B, C] each

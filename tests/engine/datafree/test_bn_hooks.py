@@ -131,3 +131,32 @@ def test_layer_distance_no_full_fp32_copy(dtype):
     want = (x64.mean((2, 3)) - rm.double()).norm(dim=1) + (x64.var((2, 3), unbiased=False) - rv.double()).norm(dim=1)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_layer_distance_takes_the_cpp_kernel_under_segkd_kernels_cuda(layout, monkeypatch):
+    """SEGKD_KERNELS=cuda: ADS scoring's per-layer distance runs kernels.bn_stat_distance's C++ kernel (the CPU twin
+    here, reading a channels-last x in place) and equals the float64 formula."""
+    from kernels import _cpp
+
+    if _cpp.ops() is None:
+        pytest.skip(f"the C++ kernels cannot be built here: {_cpp.ERROR!r}")
+    monkeypatch.setenv("SEGKD_KERNELS", "cuda")
+    called = []
+    real = _cpp.ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a: called.append(name) or getattr(real, name)(*a)
+
+    monkeypatch.setattr(_cpp, "ops", lambda: Spy())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 6, 7, generator=g) * 2 + 1
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    got = layer_distance(x, rm, rv)
+    x64 = x.double()
+    want = ((x64.mean((2, 3)) - rm.double()).norm(dim=1) + (x64.var((2, 3), unbiased=False) - rv.double()).norm(dim=1))
+    assert called == ["bn_stat"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
