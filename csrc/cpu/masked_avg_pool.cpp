@@ -1,6 +1,7 @@
-// CPU twin of csrc/cuda/masked_avg_pool.cu: one task per (image, split, channel) accumulates the weighted features
-// of each class in its own K bins, in pixel order (deterministic), with the label test of segkd_math.h; the
-// backward gathers each pixel's class gradient. Tasks run in parallel (at::parallel_for).
+// CPU twin of csrc/cuda/masked_avg_pool.cu: one task per (image, split, block of kChannels channels) accumulates the
+// weighted features of each class in its own K x kChannels bins, in pixel order (deterministic), with the label test
+// of segkd_math.h (the CUDA kernel: one thread per channel, K bins); the backward gathers each pixel's class
+// gradient. Tasks run in parallel (at::parallel_for).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,31 +16,40 @@
 namespace segkd {
 namespace {
 
+// Channels per task: a pixel adds its features to kChannels bins of its class at once (one SIMD add; contiguous
+// loads for channels-last features, kChannels row streams for NCHW).
+constexpr int64_t kChannels = 16;
+
 template <typename scalar_t, typename label_t>
 void sums_typed(const at::Tensor& f, const label_t* y, int64_t K, int64_t ignore_index, const float* a,
                 const float* e, float* sums, float* counts, int64_t S) {
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3), chunk = (HW + S - 1) / S;
+  const int64_t CB = (C + kChannels - 1) / kChannels;
   const Bchw fs = bchw_strides(f);
   const scalar_t* fp = f.data_ptr<scalar_t>();
-  at::parallel_for(0, B * S * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bins(K), cbins(K);
+  at::parallel_for(0, B * S * CB, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bins(K * kChannels), cbins(K);
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t c = job % C, s = (job / C) % S, b = job / (C * S);
+      const int64_t cb = job % CB, s = (job / CB) % S, b = job / (CB * S);
+      const int64_t c0 = cb * kChannels, nc = std::min(kChannels, C - c0);
       const int64_t p0 = s * chunk, p1 = std::min(p0 + chunk, HW);
       std::fill(bins.begin(), bins.end(), 0.0f);
       std::fill(cbins.begin(), cbins.end(), 0.0f);
-      const scalar_t* row = fp + b * fs.b + c * fs.c;
+      const scalar_t* fb = fp + b * fs.b + c0 * fs.c;
       const label_t* yr = y + b * HW;
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p = p0; p < p1; ++p) {  // pixel order: deterministic
         const int64_t k = static_cast<int64_t>(yr[p]);
         if (!counted_label(k, K, ignore_index)) continue;
-        const float x = to_float(row[p * fs.p]);
-        bins[k] += a != nullptr ? a[b * HW + p] * x : x;
-        if (c == 0) cbins[k] += e != nullptr ? e[b * HW + p] : 1.0f;
+        const float w = a != nullptr ? a[b * HW + p] : 1.0f;
+        const scalar_t* fpix = fb + p * fs.p;
+        float* bin = bins.data() + k * kChannels;
+#pragma omp simd
+        for (int64_t cc = 0; cc < nc; ++cc) bin[cc] += w * to_float(fpix[cc * fs.c]);
+        if (cb == 0) cbins[k] += e != nullptr ? e[b * HW + p] : 1.0f;
       }
-      float* out = sums + (b * S + s) * K * C + c;  // sums[b, s, :, c]
-      for (int64_t k = 0; k < K; ++k) out[k * C] = bins[k];
-      if (c == 0) std::copy(cbins.begin(), cbins.end(), counts + (b * S + s) * K);
+      float* out = sums + (b * S + s) * K * C + c0;  // sums[b, s, :, c0:c0 + nc]
+      for (int64_t k = 0; k < K; ++k) std::copy(bins.data() + k * kChannels, bins.data() + k * kChannels + nc, out + k * C);
+      if (cb == 0) std::copy(cbins.begin(), cbins.end(), counts + (b * S + s) * K);
     }
   });
 }
@@ -55,9 +65,12 @@ void gather_typed(const label_t* y, const float* gp, int64_t K, int64_t ignore_i
       const label_t* yr = y + b * HW;
       const float* gpb = gp + b * K * C + c;  // gp[b, :, c]
       scalar_t* gr = out + b * gs.b + c * gs.c;
-      for (int64_t p = 0; p < HW; ++p) {
+#pragma omp simd
+      for (int64_t p = 0; p < HW; ++p) {  // branch-free (a masked gather), so that it vectorises
         const int64_t k = static_cast<int64_t>(yr[p]);
-        gr[p * gs.p] = from_float<scalar_t>(counted_label(k, K, ignore_index) ? gpb[k * C] : 0.0f);
+        const bool counted = counted_label(k, K, ignore_index);
+        const float v = gpb[(counted ? k : 0) * C];
+        gr[p * gs.p] = from_float<scalar_t>(counted ? v : 0.0f);
       }
     }
   });
