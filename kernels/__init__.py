@@ -3,7 +3,8 @@
 Each op lives in one file: its plain-torch reference, its Triton kernels, their launchers, a
 `torch.library` custom op (so `torch.compile` traces through it) and the public function below. CUDA
 tensors run the fused kernels, anything else the reference; `SEGKD_KERNELS=torch|triton|auto` forces a
-path (see `kernels/_dispatch.py`, which also explains `TRITON_INTERPRET` for running kernels on CPU).
+path (see `kernels/_dispatch.py`, which also explains `TRITON_INTERPRET` for running kernels on CPU), and
+`SEGKD_KERNELS=cuda` runs the C++ kernels of csrc/ (kernels/_cpp.py) for the ops that have them.
 """
 from kernels.angular import angular_loss
 from kernels.bn_stat import bn_stat_distance
