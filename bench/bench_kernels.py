@@ -255,15 +255,12 @@ def copy_bandwidth_gbs(reps):
 
 
 @contextlib.contextmanager
-def backend(provider):
-    """SEGKD_KERNELS=cuda while the cpp provider runs (forward and backward); the others keep the run's setting."""
+def kernels_env(mode):
+    """SEGKD_KERNELS=mode inside the block (kernels/_dispatch.py reads it on every call; None: left as it is),
+    restored after."""
     saved = os.environ.get("SEGKD_KERNELS")
-    if provider == "cpp":
-        if _cpp.ops() is None:
-            raise RuntimeError(f"the C++ kernels cannot be built here: {_cpp.ERROR!r}")
-        if DEVICE == "cuda" and not _cpp.HAS_CUDA:  # it would time the Triton fallback under the cpp label
-            raise RuntimeError("the C++ kernels were built without their CUDA part (no nvcc found)")
-        os.environ["SEGKD_KERNELS"] = "cuda"
+    if mode is not None:
+        os.environ["SEGKD_KERNELS"] = mode
     try:
         yield
     finally:
@@ -271,6 +268,18 @@ def backend(provider):
             os.environ.pop("SEGKD_KERNELS", None)
         else:
             os.environ["SEGKD_KERNELS"] = saved
+
+
+@contextlib.contextmanager
+def backend(provider):
+    """SEGKD_KERNELS=cuda while the cpp provider runs (forward and backward); the others keep the run's setting."""
+    if provider == "cpp":
+        if _cpp.ops() is None:
+            raise RuntimeError(f"the C++ kernels cannot be built here: {_cpp.ERROR!r}")
+        if DEVICE == "cuda" and not _cpp.HAS_CUDA:  # it would time the Triton fallback under the cpp label
+            raise RuntimeError("the C++ kernels were built without their CUDA part (no nvcc found)")
+    with kernels_env("cuda" if provider == "cpp" else None):
+        yield
 
 
 def run_case(op, label, dtype, make, provs, bytes_fwd, bytes_fb, providers, reps, copy_gbs):
@@ -357,7 +366,8 @@ def markdown(meta, rows):
                      f"{r['GB/s']:.1f} | {100 * r['copy_frac']:.1f} | {peak} | {speed} |")
     goals = targets(rows)
     if goals:
-        lines += ["", "## Targets (issue 3), and the C++ backend against ours (issue 17)", ""] + [f"- {g}" for g in goals]
+        lines += ["", "## Targets (issue 3), and the C++ backend against ours (issue 17)", ""]
+        lines += [f"- {g}" for g in goals]
     return "\n".join(lines) + "\n"
 
 

@@ -304,16 +304,12 @@ def markdown(meta, parts):
 def kernel_path(mode, poison=False):
     """SEGKD_KERNELS=mode (kernels/_dispatch.py reads it on every call) and, for the fused path, every buffer
     a kernel must fill poisoned with NaN, as the kernel tests do."""
-    saved = os.environ.get("SEGKD_KERNELS"), _dispatch.POISON
-    os.environ["SEGKD_KERNELS"], _dispatch.POISON = mode, poison
+    saved, _dispatch.POISON = _dispatch.POISON, poison
     try:
-        yield
+        with bench_kernels.kernels_env(mode):
+            yield
     finally:
-        if saved[0] is None:
-            os.environ.pop("SEGKD_KERNELS", None)
-        else:
-            os.environ["SEGKD_KERNELS"] = saved[0]
-        _dispatch.POISON = saved[1]
+        _dispatch.POISON = saved
 
 
 def outcome(rows, failed, trimmed):
@@ -527,6 +523,7 @@ def teacher_fusion(suite):
     same lean copy, conv then add then ReLU), each against the fp32 unfolded teacher. One row: the fused error and
     its bound (twice the unfused error + the bf16 allowance), how many conv configurations cuDNN fused (the rest
     fell back, see conv_act's warning in the log), and the median forward time of each path."""
+    from bench.bench_teacher import random_bn
     from engine.teacher import Frozen, TeacherForward
     from kernels import conv_act
 
@@ -536,12 +533,7 @@ def teacher_fusion(suite):
            "layout": "channels_last", "grad rel err": 0.0, "grad torch rel err": 0.0, "grad bound": 1.0}
     try:
         torch.manual_seed(0)
-        model = build_model(name, 19).to(suite.device)
-        g = torch.Generator().manual_seed(0)
-        for m in model.modules():  # random BN statistics, so that the fold is not trivial
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        model = random_bn(build_model(name, 19)).to(suite.device)  # random BN statistics: the fold is not trivial
         frozen = Frozen(model)
         x = torch.randn(b, 3, h, w, device=suite.device).contiguous(memory_format=torch.channels_last)
         lean = TeacherForward(frozen, suite.device, dtype, channels_last=True)
@@ -936,8 +928,8 @@ def cpp_correctness(suite, notes):
             suite.say(f"  {'ok  ' if results[-1][1] else 'FAIL'} cpp {name}")
             release()
     bad = [r for r in results if not r[1]]
-    notes.append(f"C++ backend vs float64 at the workload shapes: {len(results) - len(bad)}/{len(results)} cases within "
-                 "tolerance" + ("; FAILED: " + ", ".join(r[0] for r in bad[:6]) if bad else ""))
+    notes.append(f"C++ backend vs float64 at the workload shapes: {len(results) - len(bad)}/{len(results)} cases "
+                 "within tolerance" + ("; FAILED: " + ", ".join(r[0] for r in bad[:6]) if bad else ""))
     return bool(bad)
 
 

@@ -478,8 +478,8 @@ class LossOps:
 
 def _route_to_fused_ops():
     """Every kernels op module answers use_triton() with True, as it does for CUDA tensors."""
-    return [mock.patch.object(mod, "use_triton", lambda *tensors, **kwargs: True) for name, mod in list(sys.modules.items())
-            if name.startswith("kernels.") and hasattr(mod, "use_triton")]
+    return [mock.patch.object(mod, "use_triton", lambda *tensors, **kwargs: True)
+            for name, mod in list(sys.modules.items()) if name.startswith("kernels.") and hasattr(mod, "use_triton")]
 
 
 class _Verified(dict):

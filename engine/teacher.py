@@ -165,7 +165,8 @@ def fuse_relu(model):
         for name, child in list(parent._modules.items()):
             if type(child) is BasicBlock and isinstance(child.bn1, nn.Identity) and isinstance(child.bn2, nn.Identity):
                 parent._modules[name] = LeanBasicBlock(child)
-            elif type(child) is Bottleneck and all(isinstance(b, nn.Identity) for b in (child.bn1, child.bn2, child.bn3)):
+            elif (type(child) is Bottleneck
+                  and all(isinstance(b, nn.Identity) for b in (child.bn1, child.bn2, child.bn3))):
                 parent._modules[name] = LeanBottleneck(child)
         if isinstance(parent, ResNet):
             stem = ["1"] + (["2", "3"] if parent.stem == "deep" else [])

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss", "bn_stat_distance", "masked_avg_pool")  # the public ops with a C++ kernel (scale_grad_ serves their backward)
+# the public ops with a C++ kernel (scale_grad_ serves the backward of pixel_kl and channel_kl)
+CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss", "bn_stat_distance", "masked_avg_pool")
 # -fopenmp: at::parallel_for is serial without it (ATen's ParallelOpenMP.h needs _OPENMP)
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fno-reciprocal-math", "-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]

@@ -104,20 +104,18 @@ def use_triton(*tensors, op=None):
     """True when the fused Triton kernels should run on these tensors (see the module docstring). `op`: the
     public op asking, so that SEGKD_KERNELS=cuda routes the ops that have a C++ kernel away from Triton and leaves
     the others on their `auto` choice."""
-    mode = os.environ.get("SEGKD_KERNELS", "auto")
-    if mode == "torch":
+    m = mode()
+    if m == "torch":
         return False
-    if mode == "cuda":
+    if m == "cuda":
         from kernels import _cpp
 
         if op in _cpp.CPP_OPS and (_cpp.ops() is None or _cpp.supports(*tensors)):
             return False  # use_cpp's: the C++ kernel, or the reference if it cannot be built
-        mode = "auto"
-    if mode == "auto":
+        m = "auto"
+    if m == "auto":
         return HAS_TRITON and all(t.is_cuda for t in tensors)
-    if mode != "triton":
-        raise ValueError(f"SEGKD_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
-    if not HAS_TRITON:
+    if not HAS_TRITON:  # m == "triton"
         raise RuntimeError(f"SEGKD_KERNELS=triton but triton cannot be imported: {TRITON_ERROR!r}")
     if not INTERPRETED and not all(t.is_cuda for t in tensors):
         raise RuntimeError("SEGKD_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 in the environment "

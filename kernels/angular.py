@@ -343,18 +343,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     student, teacher, stats = ctx.saved_tensors
-    return _angular_backward_op(student, teacher, ctx.mode, stats, grad_loss), None, None
+    backward = angular_backward if eager_cpp(student) else _angular_backward_op  # eagerly: no custom-op wrapper
+    return backward(student, teacher, ctx.mode, stats, grad_loss), None, None
 
 
 _angular_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _backward_eager(ctx, grad_loss, _grad_stats):
-    student, teacher, stats = ctx.saved_tensors
-    return angular_backward(student, teacher, ctx.mode, stats, grad_loss), None, None
-
-
-_AngularEager = eager_function(angular_forward, _setup_context, _backward_eager)  # see eager_cpp
+_AngularEager = eager_function(angular_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def angular_loss(student, teacher, mode):

@@ -159,18 +159,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_d, _grad_mean, _grad_var):
     x, running_mean, running_var, mean, var = ctx.saved_tensors
-    return _bn_stat_backward_op(x, running_mean, running_var, mean, var, grad_d), None, None
+    backward = bn_stat_backward if eager_cpp(x) else _bn_stat_backward_op  # eagerly: no custom-op wrapper
+    return backward(x, running_mean, running_var, mean, var, grad_d), None, None
 
 
 _bn_stat_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _backward_eager(ctx, grad_d, _grad_mean, _grad_var):
-    x, running_mean, running_var, mean, var = ctx.saved_tensors
-    return bn_stat_backward(x, running_mean, running_var, mean, var, grad_d), None, None
-
-
-_BnStatEager = eager_function(bn_stat_forward, _setup_context, _backward_eager)  # see eager_cpp
+_BnStatEager = eager_function(bn_stat_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def bn_stat_distance(x, running_mean, running_var):

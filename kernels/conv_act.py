@@ -27,12 +27,13 @@ SEGKD_KERNELS=torch always runs the reference.
 No autograd formula: the op is for a frozen network. A call whose inputs need a gradient runs the reference
 (differentiable torch ops) instead.
 """
-import os
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from kernels._dispatch import mode
 
 # relative L2 error a fused result may have against the reference computed in the same precision: the fused
 # epilogue rounds once where the unfused ops round after each of conv, add and ReLU (and TF32 may run both
@@ -78,7 +79,7 @@ def _warn_once(backend, why):
 def _run(x, weight, bias, residual, stride, padding, dilation, groups):
     args = (x, weight, bias, residual, stride, padding, dilation, groups)
     fused = BACKENDS.get(x.device.type)
-    if fused is None or os.environ.get("SEGKD_KERNELS", "auto") == "torch":
+    if fused is None or mode() == "torch":
         return conv_bias_relu_reference(*args)
     key = _configuration(*args)
     verdict = _verdicts.get(key)
@@ -127,7 +128,7 @@ def conv_bias_relu(x, weight, bias=None, residual=None, stride=1, padding=0, dil
         raise ValueError(f"conv_bias_relu: padding={padding!r}: give the padding as numbers")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    if needs_grad or x.device.type not in BACKENDS or os.environ.get("SEGKD_KERNELS", "auto") == "torch":
+    if needs_grad or x.device.type not in BACKENDS or mode() == "torch":
         # no fused backend: the plain ops, which torch.compile can see (and fuse) instead of an opaque op
         return conv_bias_relu_reference(x, weight, bias, residual, stride, padding, dilation, groups)
     return _conv_bias_relu_op(x, weight, bias, residual, stride, padding, dilation, groups)

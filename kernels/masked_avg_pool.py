@@ -237,11 +237,16 @@ def _(feat, labels, num_classes, ignore_index):
         feat.new_empty((b, num_classes), dtype=torch.float32)
 
 
+def _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last):
+    """masked_avg_pool_backward for features shaped like `feat_like` (the backward custom op's body)."""
+    return masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ignore_index,
+                                    channels_last)
+
+
 @torch.library.custom_op("segkd::masked_avg_pool_backward", mutates_args=())
 def _masked_avg_pool_backward_op(grad_protos: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
                                  feat_like: torch.Tensor, ignore_index: int, channels_last: bool) -> torch.Tensor:
-    return masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ignore_index,
-                                    channels_last)
+    return _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last)
 
 
 @_masked_avg_pool_backward_op.register_fake
@@ -263,23 +268,12 @@ def _backward(ctx, grad_protos, _grad_counts):
     labels, counts, feat_like = ctx.saved_tensors
     if grad_protos is None:
         return None, None, None, None
-    g = _masked_avg_pool_backward_op(grad_protos, labels, counts, feat_like, ctx.ignore_index, ctx.channels_last)
-    return g, None, None, None
+    backward = _backward_like if eager_cpp(labels) else _masked_avg_pool_backward_op  # eagerly: no custom-op wrapper
+    return backward(grad_protos, labels, counts, feat_like, ctx.ignore_index, ctx.channels_last), None, None, None
 
 
 _masked_avg_pool_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _backward_eager(ctx, grad_protos, _grad_counts):
-    labels, counts, feat_like = ctx.saved_tensors
-    if grad_protos is None:
-        return None, None, None, None
-    g = masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ctx.ignore_index,
-                                 ctx.channels_last)
-    return g, None, None, None
-
-
-_MaskedAvgPoolEager = eager_function(masked_avg_pool_forward, _setup_context, _backward_eager)  # see eager_cpp
+_MaskedAvgPoolEager = eager_function(masked_avg_pool_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def _cpp_labels(y):

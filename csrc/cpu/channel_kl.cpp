@@ -35,7 +35,8 @@ void channel_kl_row(const scalar_t* sr, const scalar_t* tr, scalar_t* gr, int64_
     const int64_t n = std::min(kLanes, L - i0);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float a = load<scalar_t, kUnit>(sr, i0 + j, ss.p) * inv_t, b = load<scalar_t, kUnit>(tr, i0 + j, ts.p) * inv_t;
+      const float a = load<scalar_t, kUnit>(sr, i0 + j, ss.p) * inv_t;
+      const float b = load<scalar_t, kUnit>(tr, i0 + j, ts.p) * inv_t;
       if (kCache) {
         xs[i0 + j] = a;
         xt[i0 + j] = b;

@@ -48,7 +48,9 @@ void sums_typed(const at::Tensor& f, const label_t* y, int64_t K, int64_t ignore
         if (cb == 0) cbins[k] += e != nullptr ? e[b * HW + p] : 1.0f;
       }
       float* out = sums + (b * S + s) * K * C + c0;  // sums[b, s, :, c0:c0 + nc]
-      for (int64_t k = 0; k < K; ++k) std::copy(bins.data() + k * kChannels, bins.data() + k * kChannels + nc, out + k * C);
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(bins.data() + k * kChannels, bins.data() + k * kChannels + nc, out + k * C);
+      }
       if (cb == 0) std::copy(cbins.begin(), cbins.end(), counts + (b * S + s) * K);
     }
   });

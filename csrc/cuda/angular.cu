@@ -110,9 +110,9 @@ void angular_apply_cuda(const at::Tensor& s, const at::Tensor& t, const at::Tens
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3), n = B * C * HW;
   if (n == 0) return;
   const Bchw ss = bchw_strides(s), ts = bchw_strides(t), gs = bchw_strides(g);
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "segkd_angular_apply_cuda", [&] {
-    angular_apply_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    angular_apply_kernel<scalar_t><<<grid_stride_blocks(n, kThreads), kThreads, 0,
+                                     c10::cuda::getCurrentCUDAStream()>>>(
         s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), k.data_ptr<float>(), g.data_ptr<scalar_t>(), B, C, HW, mode,
         ss, ts, gs);
   });

@@ -69,9 +69,9 @@ void bn_stat_apply_cuda(const at::Tensor& x, const at::Tensor& k, at::Tensor& g)
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(1), N = x.size(2) * x.size(3), R = x.size(0) * C;
   if (R * N == 0) return;
-  const int64_t blocks = std::min<int64_t>((R * N + kThreads - 1) / kThreads, 65535 * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_bn_stat_apply_cuda", [&] {
-    bn_stat_apply_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    bn_stat_apply_kernel<scalar_t><<<grid_stride_blocks(R * N, kThreads), kThreads, 0,
+                                     c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), k.data_ptr<float>(), g.data_ptr<scalar_t>(), R, C, N, bchw_strides(x),
         bchw_strides(g));
   });

@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../ops.h"
-#include "../segkd_math.h"
+#include "block_reduce.cuh"
 
 namespace segkd {
 namespace {
@@ -69,8 +69,6 @@ __global__ void class_gather_kernel(const label_t* __restrict__ y, const float* 
   }
 }
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
-
 }  // namespace
 
 void class_sums_cuda(const at::Tensor& f, const at::Tensor& y, int64_t K, int64_t ignore_index,
@@ -110,7 +108,7 @@ void class_gather_cuda(const at::Tensor& y, const at::Tensor& gp, int64_t ignore
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "segkd_class_gather_cuda", [&] {
     using grad_t = scalar_t;
     SEGKD_DISPATCH_LABELS(y.scalar_type(), "segkd_class_gather_cuda_labels", [&] {
-      class_gather_kernel<grad_t, scalar_t><<<blocks_for(B * C * HW), kThreads, 0,
+      class_gather_kernel<grad_t, scalar_t><<<grid_stride_blocks(B * C * HW, kThreads), kThreads, 0,
                                               c10::cuda::getCurrentCUDAStream()>>>(
           y.data_ptr<scalar_t>(), gp.data_ptr<float>(), g.data_ptr<grad_t>(), B, C, HW, K, ignore_index,
           bchw_strides(g));

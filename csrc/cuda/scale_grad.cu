@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../ops.h"
-#include "../segkd_math.h"
+#include "block_reduce.cuh"
 
 namespace segkd {
 namespace {
@@ -31,9 +31,8 @@ void scale_grad_cuda(at::Tensor& g, const at::Tensor& grad_output) {
   if (n == 0) return;
   const at::Tensor go = grad_output.to(at::kFloat).reshape({});
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "segkd_scale_grad_cuda", [&] {
-    scale_grad_kernel<scalar_t, float><<<static_cast<unsigned>(blocks), threads, 0,
+    scale_grad_kernel<scalar_t, float><<<grid_stride_blocks(n, threads), threads, 0,
                                          c10::cuda::getCurrentCUDAStream()>>>(g.data_ptr<scalar_t>(),
                                                                              go.data_ptr<float>(), n);
   });

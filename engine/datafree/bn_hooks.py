@@ -60,8 +60,8 @@ def layer_distance(x, running_mean, running_var):
 
     Where the fused kernels run (CUDA tensors, SEGKD_KERNELS=triton, or the C++ kernels under SEGKD_KERNELS=cuda):
     kernels.bn_stat_distance (its fused kernel reads x once, summing in fp32 registers; the Triton launcher makes a
-    channels-last x contiguous, a same-dtype copy of the one layer; the C++ kernels read it in place). Elsewhere (the CPU, SEGKD_KERNELS=torch)
-    torch.var_mean over H, W (one Welford pass in x's dtype) for fp32/fp64 x.
+    channels-last x contiguous, a same-dtype copy of the one layer; the C++ kernels read it in place). Elsewhere
+    (the CPU, SEGKD_KERNELS=torch) torch.var_mean over H, W (one Welford pass in x's dtype) for fp32/fp64 x.
     torch.var_mean has no dtype argument and returns 16-bit statistics of a 16-bit x, and on CPU a reduction's
     `dtype=` converts the whole input first, so a 16-bit x is upcast one image at a time there: the fp32
     temporary is 1/B of the layer.

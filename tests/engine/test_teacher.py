@@ -143,7 +143,8 @@ def test_distillation_with_the_lean_teacher_gives_the_same_weights():
             step.teacher = lambda images: SegOutput(*frozen(images)[:3])
         g = torch.Generator().manual_seed(1)
         for i in range(3):
-            batch = {"image": torch.randn(2, 3, 32, 40, generator=g), "label": torch.randint(0, 5, (2, 32, 40), generator=g)}
+            batch = {"image": torch.randn(2, 3, 32, 40, generator=g),
+                     "label": torch.randint(0, 5, (2, 32, 40), generator=g)}
             step(batch, i)
         return student.state_dict()
 

@@ -180,7 +180,8 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(path, nvcc_results):
     report = re.findall(r"ptxas info\s*: (Compiling entry function .*|Used \d+ registers.*|.*spill.*)", out)
     print(f"\n{path.name}:\n" + "\n".join(report))  # registers and spills (pytest -s shows them)
     kernels_seen = set(re.findall(r"Compiling entry function '\S+' for '(sm_\d+)'", out))
-    assert kernels_seen == {"sm_80", "sm_90"}, f"{path.name}: no kernel compiled for {kernels_seen ^ {'sm_80', 'sm_90'}}"
+    assert kernels_seen == {"sm_80", "sm_90"}, \
+        f"{path.name}: no kernel compiled for {kernels_seen ^ {'sm_80', 'sm_90'}}"
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", out)]
     assert not any(spills), f"{path.name}: register spills {spills}"
 
