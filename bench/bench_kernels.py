@@ -9,14 +9,15 @@ Providers, side by side in one run, forward and forward+backward:
   eager    the loss written the way published code writes it: CIRKD's CriterionKD (NHWC permute, log_softmax,
            softmax, F.kl_div) for pixel_kl, CIRKD's CriterionCWD (softmax, .log(), KLDivLoss) for channel_kl,
            IFVD's per-class masked-mean loop (CIRKD losses/ifvd.py) for masked_avg_pool, and our plain-torch
-           reference for the ops without a published fused-or-not baseline (angular, bn_stat, prototype_kl)
+           reference for the ops without a published fused-or-not baseline (angular, bn_stat, prototype_kl); the
+           unfused F.interpolate + F.cross_entropy task loss (upsampled_ce); CIRKD's CriterionStructuralKD after its
+           pooling, two [B, N, N] maps (pairwise)
   compile  torch.compile of our torch reference (GPU only by default: Inductor on CPU needs minutes per shape)
   liger    Liger-Kernel's LigerKLDIVLoss on NHWC-permuted log-probabilities (pixel_kl; when liger_kernel imports)
   ours     the public `kernels` entry point: the Triton kernels on CUDA, the torch reference on CPU
            (the Triton kernels through the interpreter with --interpret)
   cpp      the same entry point under SEGKD_KERNELS=cuda: the C++ kernels of csrc/ (CUDA kernels on a GPU, their
-           CPU twins on CPU) for the ops that have them (pixel_kl, channel_kl, angular, masked_avg_pool, bn_stat), built
-           on first use
+           CPU twins on CPU) for the ops that have them (every op here but prototype_kl), built on first use
 
 Figures: median milliseconds (triton.testing.do_bench on a GPU, wall clock on CPU); GB/s of compulsory
 traffic (each input read once, each output and input gradient written once: the least any implementation
@@ -33,7 +34,7 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl")
+OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "upsampled_ce", "pairwise")
 PROVIDERS = ("eager", "compile", "liger", "ours", "cpp")
 
 
@@ -72,8 +73,10 @@ from kernels.angular import angular_loss_reference  # noqa: E402
 from kernels.bn_stat import bn_stat_distance_reference  # noqa: E402
 from kernels.channel_kl import channel_kl_reference  # noqa: E402
 from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
+from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
 from kernels.prototype import prototype_kl_reference  # noqa: E402
+from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GO = 0.5  # grad_output of a scalar loss
@@ -105,6 +108,12 @@ def ifvd_class_means(feat, labels, num_classes):
         mask = (labels == k).unsqueeze(1).to(feat.dtype)  # [B, 1, H, W]
         protos.append((mask * feat).sum((2, 3)) / (mask.sum((2, 3)) + 1e-6))  # [B, C]
     return torch.stack(protos, 1)  # [B, K, C]
+
+
+def unfused_ce(logits, labels):
+    """The task loss as every segmentation codebase writes it: upsample the logits, then cross-entropy."""
+    z = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(z, labels, ignore_index=255)
 
 
 def liger_kd(student, teacher, temperature=1.0):
@@ -211,6 +220,32 @@ def cases(op, small):
                    {"eager": f, "compile": f,
                     "ours": lambda fs, ft, ps, pt, pr: kernels.prototype_kl(fs, ft, ps, pt, pr, 0.1)},
                    2 * n, 3 * n)
+    elif op == "upsampled_ce":
+        # logits [B, K, h, w] -> labels [B, 8h, 8w]: the workload's task loss (Cityscapes crops, output stride 8)
+        shapes = ([(2, 19, 32, 64, torch.bfloat16), (1, 150, 16, 16, torch.bfloat16)] if small else
+                  [(8, 19, 64, 128, torch.bfloat16), (8, 150, 64, 64, torch.bfloat16)])
+        for b, k, h, w, d in shapes:
+            low, lab_bytes = b * k * h * w * _elt(d), b * 64 * h * w * 8
+
+            def make(b=b, k=k, h=h, w=w, d=d):
+                lab = torch.randint(0, k, (b, 8 * h, 8 * w), device=DEVICE)
+                lab[torch.rand(b, 8 * h, 8 * w, device=DEVICE) < 0.1] = 255
+                return [_rand(b, k, h, w, dtype=d) * 3, lab]
+            yield (f"{b}x{k}x{h}x{w} -> {8 * h}x{8 * w}", d, make,
+                   {"eager": unfused_ce, "compile": upsampled_cross_entropy_reference,
+                    "ours": kernels.upsampled_cross_entropy, "cpp": kernels.upsampled_cross_entropy},
+                   low + lab_bytes, 2 * low + lab_bytes)
+    elif op == "pairwise":
+        # SKD's pair-wise term on features pooled 2x2 (N = h*w): student C_s, teacher C_t channels
+        shapes = ([(2, 128, 512, 32, 64, torch.float32)] if small else
+                  [(8, 512, 2048, 32, 64, torch.bfloat16), (8, 512, 2048, 32, 64, torch.float32)])
+        for b, cs, ct, h, w, d in shapes:
+            ns, nt = b * cs * h * w * _elt(d), b * ct * h * w * _elt(d)
+            yield (f"{b}x{cs}|{ct}x{h}x{w}", d, lambda b=b, cs=cs, ct=ct, h=h, w=w, d=d: [
+                       _rand(b, cs, h, w, dtype=d).relu(), _rand(b, ct, h, w, dtype=d).relu()],
+                   {"eager": pairwise_similarity_reference, "compile": pairwise_similarity_reference,
+                    "ours": kernels.pairwise_similarity_loss, "cpp": kernels.pairwise_similarity_loss},
+                   ns + nt, 2 * ns + nt)
 
 
 # ----- timing -----

@@ -137,6 +137,7 @@ from kernels.channel_kl import channel_kl_reference  # noqa: E402
 from kernels.ifvd import class_centre_mse_reference  # noqa: E402
 from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
 from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
+from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
 from kernels.prototype import prototype_kl_reference  # noqa: E402
 
@@ -393,6 +394,12 @@ def op_cases(z, device):
     def skd(dt, lay):
         return [rand((b, z.dec, ph, pw), dt, lay, device).relu(), rand((b, z.feat, ph, pw), dt, lay, device).relu()]
 
+    def task(dt, lay):  # the student's logits and labels at 8x their size (awkward: not a multiple of it)
+        hh, ww = (8 * h + 3, 8 * w - 5) if z.awkward else (8 * h, 8 * w)
+        labels = torch.randint(0, k, (b, hh, ww), device=device)
+        labels[torch.rand(b, hh, ww, device=device) < 0.1] = 255
+        return [rand((b, k, h, w), dt, lay, device, 3), labels]
+
     def ifvd(dt, lay):
         f, labels = pool(dt, lay)
         return [f, rand((b, z.feat, h, w), dt, lay, device), labels]
@@ -415,6 +422,8 @@ def op_cases(z, device):
          lambda *a: kernels.prototype_kl(*a, 0.1), lambda *a: prototype_kl_reference(*a, 0.1), (0, 2)),
         ("bn_stat_distance", f"BN input {2 * b}x{c_bn}x{2 * h}x{2 * w}", bn_inputs,
          kernels.bn_stat_distance, bn_stat_distance_reference, (0,)),
+        ("upsampled_cross_entropy", f"task loss {b}x{k}x{hw} -> x8 labels", task,
+         lambda x, y: kernels.upsampled_cross_entropy(x, y), upsampled_cross_entropy_reference, (0,)),
         ("pairwise_similarity_loss", f"skd features {b}x{z.dec}|{z.feat}x{ph}x{pw} (pooled 2x2)", skd,
          kernels.pairwise_similarity_loss, pairwise_similarity_reference, (0,)),
         ("class_centre_mse", f"ifvd decoder {b}x{z.dec}|{z.feat}x{hw}, K={k}", ifvd,
@@ -807,6 +816,8 @@ TIMING_CASES = [
     ("channel_kl", "8x19x64x128", "float32"), ("angular", "layer 8x512x64x128", "bfloat16"),
     ("angular", "point 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19", "bfloat16"),
     ("prototype_kl", "8x512x64x128 K=19", "bfloat16"), ("bn_stat", "8x512x64x128", "float32"),
+    ("upsampled_ce", "8x19x64x128 -> 512x1024", "bfloat16"), ("pairwise", "8x512|2048x32x64", "bfloat16"),
+    ("upsampled_ce", "8x150x64x64 -> 512x512", "bfloat16"),
 ]
 COMPILE_ESTIMATE_S = 60  # a first torch.compile of one case, forward and forward+backward, before any is measured
 
@@ -910,7 +921,7 @@ def cpp_correctness(suite, notes):
     from kernels import _cpp
 
     work = DRY_WORKLOAD if suite.dry else WORKLOAD
-    names = {"angular_loss", "bn_stat_distance", "masked_avg_pool", "pixel_kl", "channel_kl"} & set(_cpp.CPP_OPS)
+    names = set(_cpp.CPP_OPS)
     results = []
     for op, what, make, ours_fn, ref_fn, grad_idx in op_cases(work, suite.device):
         if op not in names:

@@ -17,6 +17,12 @@ TORCH_LIBRARY(segkd_cpp, m) {
   m.def("class_sums(Tensor f, Tensor y, int K, int ignore_index, Tensor? a, Tensor? e, Tensor(a!) sums, "
         "Tensor(b!) counts) -> ()");
   m.def("class_gather(Tensor y, Tensor gp, int ignore_index, Tensor(a!) g) -> ()");
+  m.def("upsampled_ce(Tensor x, Tensor y, int ignore_index, Tensor(a!) loss, Tensor(b!) count, int block) -> ()");
+  m.def("upsampled_ce_backward(Tensor x, Tensor y, Tensor scale, int ignore_index, Tensor(a!) g) -> ()");
+  m.def("gram(Tensor x, Tensor rx, Tensor y, Tensor ry, Tensor(a!) g) -> ()");
+  m.def("gram_apply(Tensor g1, Tensor x1, Tensor r1, Tensor g2, Tensor x2, Tensor r2, Tensor(a!) df, "
+        "Tensor(b!) proj) -> ()");
+  m.def("unnormalise(Tensor x, Tensor r, Tensor df, Tensor proj, Tensor scale, Tensor(a!) dx) -> ()");
   m.def("scale_grad_(Tensor(a!) g, Tensor grad_output) -> ()");
 }
 
@@ -29,6 +35,11 @@ TORCH_LIBRARY_IMPL(segkd_cpp, CPU, m) {
   m.impl("bn_stat_apply", &segkd::bn_stat_apply_cpu);
   m.impl("class_sums", &segkd::class_sums_cpu);
   m.impl("class_gather", &segkd::class_gather_cpu);
+  m.impl("upsampled_ce", &segkd::upsampled_ce_cpu);
+  m.impl("upsampled_ce_backward", &segkd::upsampled_ce_backward_cpu);
+  m.impl("gram", &segkd::gram_cpu);
+  m.impl("gram_apply", &segkd::gram_apply_cpu);
+  m.impl("unnormalise", &segkd::unnormalise_cpu);
   m.impl("scale_grad_", &segkd::scale_grad_cpu);
 }
 
@@ -42,6 +53,11 @@ TORCH_LIBRARY_IMPL(segkd_cpp, CUDA, m) {
   m.impl("bn_stat_apply", &segkd::bn_stat_apply_cuda);
   m.impl("class_sums", &segkd::class_sums_cuda);
   m.impl("class_gather", &segkd::class_gather_cuda);
+  m.impl("upsampled_ce", &segkd::upsampled_ce_cuda);
+  m.impl("upsampled_ce_backward", &segkd::upsampled_ce_backward_cuda);
+  m.impl("gram", &segkd::gram_cuda);
+  m.impl("gram_apply", &segkd::gram_apply_cuda);
+  m.impl("unnormalise", &segkd::unnormalise_cuda);
   m.impl("scale_grad_", &segkd::scale_grad_cuda);
 }
 #endif

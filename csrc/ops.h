@@ -76,6 +76,35 @@ void class_sums_cuda(const at::Tensor& f, const at::Tensor& y, int64_t K, int64_
 void class_gather_cpu(const at::Tensor& y, const at::Tensor& gp, int64_t ignore_index, at::Tensor& g);
 void class_gather_cuda(const at::Tensor& y, const at::Tensor& gp, int64_t ignore_index, at::Tensor& g);
 
+// upsampled_cross_entropy (kernels/upsampled_ce.py), logits x [B, K, h, w], labels y [B, H, W] (contiguous). Forward:
+// per block of `block` output pixels of image b, the sum over its counted pixels of lse - z_y into loss[b, block
+// index] and their number into count (fp32 [B, nblk]). Backward: g = dL/dx for scale = grad_output / max(|V|, 1) (a
+// 0-dim fp32 tensor on x's device), every element written (csrc/upsampled_ce.h).
+void upsampled_ce_cpu(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, at::Tensor& loss,
+                      at::Tensor& count, int64_t block);
+void upsampled_ce_cuda(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, at::Tensor& loss,
+                       at::Tensor& count, int64_t block);
+void upsampled_ce_backward_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                               int64_t ignore_index, at::Tensor& g);
+void upsampled_ce_backward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                                int64_t ignore_index, at::Tensor& g);
+
+// pairwise_similarity_loss (kernels/pairwise.py); features [B, C, h, w] read through their strides and normalised
+// as they are loaded (f = x r, r [B, N] fp32 = 1 / max(||x||, eps) per pixel, N = h*w). gram: g [B, M, P] fp32 =
+// (X r_x)(Y r_y)^T. gram_apply: df [B, C1, N] fp32 = g1 F1 - g2 F2 (g1 [B, C1, C1], g2 [B, C1, C2] fp32, any
+// strides) and proj [B, ceil(C1 / 64), N] fp32, each 64-row block's sum of F1 * df. unnormalise: dx (x's shape and
+// dtype, its own strides) = scale (df - f proj) r, scale a 0-dim fp32 tensor on the device.
+void gram_cpu(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry, at::Tensor& g);
+void gram_cuda(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry, at::Tensor& g);
+void gram_apply_cpu(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor& r1, const at::Tensor& g2,
+                    const at::Tensor& x2, const at::Tensor& r2, at::Tensor& df, at::Tensor& proj);
+void gram_apply_cuda(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor& r1, const at::Tensor& g2,
+                     const at::Tensor& x2, const at::Tensor& r2, at::Tensor& df, at::Tensor& proj);
+void unnormalise_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& df, const at::Tensor& proj,
+                     const at::Tensor& scale, at::Tensor& dx);
+void unnormalise_cuda(const at::Tensor& x, const at::Tensor& r, const at::Tensor& df, const at::Tensor& proj,
+                      const at::Tensor& scale, at::Tensor& dx);
+
 // scale_grad_ (kernels/_grad_scale.py): g *= grad_output in place, untouched when grad_output == 1.
 void scale_grad_cpu(at::Tensor& g, const at::Tensor& grad_output);
 void scale_grad_cuda(at::Tensor& g, const at::Tensor& grad_output);

@@ -84,6 +84,52 @@ SEGKD_HD bool counted_label(int64_t y, int64_t K, int64_t ignore_index) {
   return y >= 0 && y < K && y != ignore_index;
 }
 
+// ---- bilinear upsampling by PyTorch's align_corners=False rule (kernels/upsampled_ce.py): output index dst of an
+// axis with scale = in/out reads src = max((dst + 0.5) * scale - 0.5, 0) between i0 = floor(src) and
+// i1 = min(i0 + 1, in - 1), the upper one with weight src - i0.
+struct Source {
+  int64_t i0, i1;
+  float w1;
+};
+
+SEGKD_HD Source bilinear_source(int64_t dst, float scale, int64_t n_in) {
+  const float src = max2((static_cast<float>(dst) + 0.5f) * scale - 0.5f, 0.0f);
+  const int64_t f = static_cast<int64_t>(src);  // src >= 0: truncation is floor
+  const int64_t i0 = f < n_in - 1 ? f : n_in - 1;
+  return {i0, i0 + 1 < n_in ? i0 + 1 : n_in - 1, src - static_cast<float>(i0)};
+}
+
+SEGKD_HD float bilinear(float x00, float x01, float x10, float x11, float wx, float wy) {
+  return (1.0f - wy) * ((1.0f - wx) * x00 + wx * x01) + wy * ((1.0f - wx) * x10 + wx * x11);
+}
+
+// The output indices [first, last) whose stencil can reach the low-res indices [lo, lo + n) of an axis (inv =
+// out/in): those whose lower neighbour lies in [lo - 1, lo + n - 1], from src = (dst + 0.5) * in/out - 0.5, widened
+// by one on each side against rounding (an index of the range that reaches nothing gets zero weight).
+SEGKD_HD void reaching(int64_t lo, int64_t n, float inv, int64_t n_out, int64_t& first, int64_t& last) {
+  const int64_t a = static_cast<int64_t>(floorf((static_cast<float>(lo) - 0.5f) * inv - 0.5f)) - 1;
+  const int64_t z = static_cast<int64_t>(ceilf((static_cast<float>(lo + n) + 0.5f) * inv - 0.5f)) + 1;
+  first = lo >= 2 && a > 0 ? a : 0;
+  last = z < n_out ? z : n_out;
+}
+
+// ---- cross-entropy of one pixel from its log-sum-exp lse = m + log(sum exp(z - m)): the loss lse - z_y, and
+// dL/dz_k = (softmax_k - [k == y]) * g (g: grad_output / |V| on valid pixels, 0 elsewhere).
+SEGKD_HD float log_sum_exp(float m, float sum) { return m + logf(sum); }
+
+SEGKD_HD float ce_grad(float z, float lse, bool target, float g) {
+  return (expf(z - lse) - (target ? 1.0f : 0.0f)) * g;
+}
+
+// ---- pair-wise similarity (kernels/pairwise.py): a feature normalised as it is loaded, f = x r with
+// r = 1 / max(||x||, eps) per pixel; the Gram products accumulate a * b over the pixels (or channels) in order; and
+// the backward through the normalisation, dL/dx = scale * (dF - f <f, dF>_C) r.
+SEGKD_HD float normalised(float x, float r) { return x * r; }
+
+SEGKD_HD float unnormalised_grad(float df, float f, float proj, float r, float scale) {
+  return (df - f * proj) * r * scale;
+}
+
 // ---- the in-place gradient scaling of backward (kernels/_grad_scale.py): g * grad_output
 SEGKD_HD float scaled_grad(float g, float grad_output) { return g * grad_output; }
 

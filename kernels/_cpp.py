@@ -27,7 +27,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # the public ops with a C++ kernel (scale_grad_ serves the backward of pixel_kl and channel_kl)
-CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss", "bn_stat_distance", "masked_avg_pool")
+CPP_OPS = ("pixel_kl", "channel_kl", "angular_loss", "bn_stat_distance", "masked_avg_pool", "upsampled_cross_entropy",
+           "pairwise_similarity_loss")
 # -fopenmp: at::parallel_for is serial without it (ATen's ParallelOpenMP.h needs _OPENMP)
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fno-reciprocal-math", "-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]

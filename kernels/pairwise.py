@@ -29,7 +29,8 @@ Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 
 formula is winycg/CIRKD losses/skd.py (CriterionStructuralKD, which builds both N x N maps and takes
 `((S - T)**2).mean()` over [B, N, N]).
 
-Two paths behind one custom op (`pairwise_similarity_loss`), chosen per call by kernels._dispatch.use_triton:
+Three paths behind one custom op (`pairwise_similarity_loss`), chosen per call by kernels._dispatch (use_cpp,
+use_triton):
 
 - Triton (CUDA tensors under SEGKD_KERNELS=auto, or =triton): the per-pixel normalisation is applied as the
   features are loaded, so neither the normalised copies nor an fp32 upcast of 16-bit features is ever written
@@ -41,6 +42,9 @@ Two paths behind one custom op (`pairwise_similarity_loss`), chosen per call by 
   from the forward's fp32 buffers) together with the tile's share of <F, dF>_C per pixel; `_unnormalise_kernel`
   then writes dL/dx in x's dtype and layout. Every `tl.dot` takes fp32 operands with PRECISION "ieee" (plain
   fp32 FMAs, no TF32 rounding of the operands: the cancellation above is why) and accumulates in fp32.
+- C++ (SEGKD_KERNELS=cuda: csrc/cuda/pairwise.cu on CUDA tensors, its CPU twin csrc/cpu/pairwise.cpp on CPU ones):
+  the same three kernels as the Triton path (Gram with normalisation on load, dF with the row blocks' shares of
+  <F, dF>_C, the gradient through the normalisation) on the same buffers, fp32 FMAs without tensor cores.
 - torch (CPU tensors under auto, float64 inputs, or SEGKD_KERNELS=torch): the same Gram form with torch.bmm on
   normalised fp32 copies. SEGKD_KERNELS=torch takes `pairwise_similarity_gram`, the Gram form differentiated
   by autograd, instead of the custom op.
@@ -54,7 +58,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import empty, empty_like, strided_bchw, triton, tl, upcast, use_triton
+from kernels import _cpp
+from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, strided_bchw, triton, tl, upcast, use_cpp,
+                               use_triton)
 
 NORM_EPS = 1e-12  # F.normalize's default, as CIRKD calls it
 
@@ -132,6 +138,7 @@ def _torch_backward(s, t, gss, gst, gtt, grad_loss, need_s, need_t):
 # blocks of BC. tl.dot needs every block >= 16. Tests shrink them to reach every loop with small tensors.
 GRAM_BLOCKS = (64, 64, 32)  # (BM, BP, BK)
 APPLY_BLOCKS = (64, 64, 32)  # (BM, BN, BC)
+CPP_BLOCK_M = 64  # rows of dF per block of the C++ kernels (csrc/cpu/pairwise.cpp, csrc/cuda/pairwise.cu: kB)
 PRECISION = "ieee"
 
 
@@ -244,6 +251,9 @@ def _gram(x, sx, rx, y, sy, ry):
     b, m, p, n = x.shape[0], x.shape[1], y.shape[1], rx.shape[1]
     bm, bp, bk = GRAM_BLOCKS
     g = empty((b, m, p), torch.float32, x.device)
+    if use_cpp("pairwise_similarity_loss", x):  # the C++ kernel (csrc/) in place of the Triton launch
+        _cpp.ops().gram(x, rx, y, ry, g)
+        return g
     _gram_kernel[(b, triton.cdiv(m, bm), triton.cdiv(p, bp))](
         x, rx, y, ry, g, m, p, n, *sx, *sy, BM=bm, BP=bp, BK=bk, PRECISION=PRECISION, num_warps=4)
     return g
@@ -257,9 +267,17 @@ def pairwise_similarity_forward(s, t):
     return _combine(gss, gst, gtt, rs.shape[1]).float(), gss, gst, gtt
 
 
-def _triton_grad(x1, s1, r1, live1, g1, x2, s2, r2, g2, scale):
+def _fused_grad(x1, s1, r1, live1, g1, x2, s2, r2, g2, scale):
     """dL/dx1 for dF = G1 F1 - G2 F2 (g1, g2 [B, C1, C1], [B, C1, C2] views with any strides)."""
     b, c1, c2, n = x1.shape[0], x1.shape[1], x2.shape[1], r1.shape[1]
+    if use_cpp("pairwise_similarity_loss", x1):  # the C++ kernels: 64-row blocks of dF
+        df = empty((b, c1, n), torch.float32, x1.device)
+        proj = empty((b, -(-c1 // CPP_BLOCK_M), n), torch.float32, x1.device)
+        _cpp.ops().gram_apply(g1, x1, r1, g2, x2, r2, df, proj)
+        proj = torch.where(live1, proj.sum(dim=1), 0.0)
+        dx = empty_like(x1)
+        _cpp.ops().unnormalise(x1, r1, df, proj, scale, dx)
+        return dx
     bm, bn, bc = APPLY_BLOCKS
     n_mblocks = triton.cdiv(c1, bm)
     df = empty((b, c1, n), torch.float32, x1.device)
@@ -280,14 +298,16 @@ def pairwise_similarity_backward(s, t, gss, gst, gtt, grad_loss, need_s, need_t)
     t, st, rt, live_t = _inverse_norms(t)
     b, n = s.shape[0], rs.shape[1]
     scale = (grad_loss.float() * (4.0 / (b * n * n))).reshape(())
-    ds = _triton_grad(s, ss, rs, live_s, gss, t, st, rt, gst, scale) if need_s else s.new_empty(0)
-    dt = _triton_grad(t, st, rt, live_t, gtt, s, ss, rs, gst.transpose(1, 2), scale) if need_t else t.new_empty(0)
+    ds = _fused_grad(s, ss, rs, live_s, gss, t, st, rt, gst, scale) if need_s else s.new_empty(0)
+    dt = _fused_grad(t, st, rt, live_t, gtt, s, ss, rs, gst.transpose(1, 2), scale) if need_t else t.new_empty(0)
     return ds, dt
 
 
 def _fused(s, t):
-    """The Triton path for these inputs? Float64 inputs (the tests' ground truth) always take torch."""
-    return use_triton(s, t) and torch.float64 not in (s.dtype, t.dtype)
+    """The fused path (Triton, or the C++ kernels under SEGKD_KERNELS=cuda) for these inputs? Float64 inputs (the
+    tests' ground truth) always take torch."""
+    fused = use_cpp("pairwise_similarity_loss", s, t) or use_triton(s, t, op="pairwise_similarity_loss")
+    return fused and torch.float64 not in (s.dtype, t.dtype)
 
 
 def _forward(s, t):
@@ -342,11 +362,13 @@ def _backward(ctx, grad_loss, _g_ss, _g_st, _g_tt):
         return None, None
     s, t, gss, gst, gtt = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ds, dt = _pairwise_backward_op(s, t, gss, gst, gtt, grad_loss, need_s, need_t)
+    backward = _backward_grads if eager_cpp(s, t) else _pairwise_backward_op  # see eager_cpp
+    ds, dt = backward(s, t, gss, gst, gtt, grad_loss, need_s, need_t)
     return (ds if need_s else None), (dt if need_t else None)
 
 
 _pairwise_op.register_autograd(_backward, setup_context=_setup_context)
+_PairwiseEager = eager_function(_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def pairwise_similarity_loss(s, t):
@@ -358,4 +380,5 @@ def pairwise_similarity_loss(s, t):
                          "[B, C_s, h, w] and [B, C_t, h, w] with the same B, h, w")
     if os.environ.get("SEGKD_KERNELS", "auto") == "torch":
         return pairwise_similarity_gram(s, t)
-    return _pairwise_op(s, t)[0]
+    op = _PairwiseEager.apply if eager_cpp(s, t) else _pairwise_op
+    return op(s, t)[0]

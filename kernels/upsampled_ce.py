@@ -32,6 +32,12 @@ are 1/64 of the output pixels at the workload (and hit the cache), which is chea
 16.8 MB fp32 buffer next to the 33.6 MB of labels that both passes must read anyway. The price is compute: each
 output pixel's softmax is recomputed by the ~1.3 tiles its stencil reaches, once per class chunk (1 for K <= 64).
 
+C++ backend (SEGKD_KERNELS=cuda; csrc/cuda/upsampled_ce.cu and its CPU twin): the same forward partials, one thread
+per output pixel; the backward is the same kind of gather without atomics or full-resolution buffers, written once
+in csrc/upsampled_ce.h as a tile algorithm that the CUDA block and the CPU task both run (4 x 16 low-res pixels x 32
+classes per tile, output rows in chunks of 128 columns, the transposed interpolation summed per accumulator column
+by its owning thread instead of a tl.dot).
+
 Traffic model (a model, not a measurement: each tensor counted once per kernel that reads or writes it, gathers
 assumed to hit the cache) at the workload B = 8, K = 19, 64x128 bf16 logits -> 512x1024 int64 labels
 (bench/bench_upsampled_ce.py prints it):
@@ -43,8 +49,9 @@ assumed to hit the cache) at the workload B = 8, K = 19, 64x128 bf16 logits -> 5
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import (DOT_PRECISION, empty, empty_like, next_pow2, strided_bchw, triton, tl, upcast,
-                               use_triton)
+from kernels import _cpp
+from kernels._dispatch import (DOT_PRECISION, eager_cpp, eager_function, empty, empty_like, next_pow2, strided_bchw,
+                               triton, tl, upcast, use_cpp, use_triton)
 
 
 def upsampled_cross_entropy_reference(logits, labels, ignore_index=255):
@@ -229,6 +236,13 @@ FWD_K_BLOCK = 32
 FWD_TILE = 2048
 BWD_K_BLOCK = 64
 BWD_TILE = (8, 16, 32)  # (TH, TW, OW)
+CPP_BLOCK = 256  # output pixels per forward block of the C++ kernels (a CUDA block's threads); their backward tiles
+# are fixed in csrc/upsampled_ce.h
+
+
+def _cpp_labels(y):
+    """Labels as the C++ kernels take them: int64, int32 or uint8 (another integer dtype is converted)."""
+    return y if y.dtype in (torch.int64, torch.int32, torch.uint8) else y.long()
 
 
 def _geometry(logits, labels):
@@ -242,6 +256,13 @@ def upsampled_cross_entropy_forward(logits, labels, ignore_index):
     """Launch the forward kernel. Returns (loss [] fp32, |V| [] fp32), both on the device."""
     x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
     y = labels.contiguous()
+    if use_cpp("upsampled_cross_entropy", x):  # the C++ kernel (csrc/) in place of the Triton launch, same partials
+        n_blk = -(-hh * ww // CPP_BLOCK)
+        loss = empty((b, n_blk), torch.float32, x.device)
+        count = empty((b, n_blk), torch.float32, x.device)
+        _cpp.ops().upsampled_ce(x, _cpp_labels(y), int(ignore_index), loss, count, CPP_BLOCK)
+        n_valid = count.sum()
+        return loss.sum() / n_valid.clamp_min(1.0), n_valid
     k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
     p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
     n_blk = triton.cdiv(hh * ww, p_block)
@@ -263,6 +284,9 @@ def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_
     k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
     scale = (grad_loss.float() / n_valid.clamp_min(1.0)).reshape(())
     g = empty_like(logits)  # the logits' memory format
+    if use_cpp("upsampled_cross_entropy", x):
+        _cpp.ops().upsampled_ce_backward(x, _cpp_labels(y), scale, int(ignore_index), g)
+        return g
     n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
     _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
         x, y, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strided_bchw(g)[1], h / hh, w / ww,
@@ -305,23 +329,27 @@ def _backward(ctx, grad_loss, _grad_n_valid):
     if grad_loss is None:
         return None, None, None
     logits, labels, n_valid = ctx.saved_tensors
-    return _upsampled_ce_backward_op(logits, labels, n_valid, grad_loss, ctx.ignore_index), None, None
+    backward = upsampled_cross_entropy_backward if eager_cpp(logits) else _upsampled_ce_backward_op  # see eager_cpp
+    return backward(logits, labels, n_valid, grad_loss, ctx.ignore_index), None, None
 
 
 _upsampled_ce_op.register_autograd(_backward, setup_context=_setup_context)
+_UpsampledCeEager = eager_function(upsampled_cross_entropy_forward, _setup_context, _backward)  # see eager_cpp
 
 
 def upsampled_cross_entropy(logits, labels, ignore_index=255):
     """Cross-entropy of bilinearly upsampled logits [B, K, h, w] against labels [B, H, W]: mean over the valid
     pixels, 0 when there are none; see the module docstring. Returns a float32 scalar.
 
-    Fused kernels when `kernels._dispatch.use_triton` says so (float64 logits, the tests' ground truth, always take
-    the torch reference)."""
+    Fused kernels when `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under SEGKD_KERNELS=cuda (float64
+    logits, the tests' ground truth, always take the torch reference)."""
     if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"upsampled_cross_entropy: logits {tuple(logits.shape)} must be [B, K, h, w] and labels "
                          f"{tuple(labels.shape)} [B, H, W] with the same B")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"upsampled_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
-    if not use_triton(logits, labels) or logits.dtype == torch.float64:
+    fused = use_cpp("upsampled_cross_entropy", logits) or use_triton(logits, labels, op="upsampled_cross_entropy")
+    if not fused or logits.dtype == torch.float64:
         return upsampled_cross_entropy_reference(logits, labels, ignore_index)
-    return _upsampled_ce_op(logits, labels, int(ignore_index))[0]
+    op = _UpsampledCeEager.apply if eager_cpp(logits) else _upsampled_ce_op
+    return op(logits, labels, int(ignore_index))[0]

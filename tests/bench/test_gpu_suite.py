@@ -31,7 +31,7 @@ def test_dry_run_writes_every_part(tmp_path):
     rows = parts["workload"]["rows"]
     assert {r["op"] for r in rows} == {"pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "prototype_kl",
                                        "bn_stat_distance", "pairwise_similarity_loss", "class_centre_mse",
-                                       "teacher conv_bias_relu"}
+                                       "upsampled_cross_entropy", "teacher conv_bias_relu"}
     (teacher,) = [r for r in rows if r["op"] == "teacher conv_bias_relu"]  # the lean teacher, fused and not
     assert teacher["ok"] and teacher["fused ms"] > 0 and teacher["unfused ms"] > 0
     assert {(r["dtype"], r["layout"]) for r in rows} == {(d, lay) for d in ("float32", "bfloat16", "float16")
@@ -47,7 +47,7 @@ def test_dry_run_writes_every_part(tmp_path):
     assert all(r["ms"] > 0 for r in parts["timings"]["rows"])
     if shutil.which("c++") and shutil.which("ninja"):  # the C++ backend beside ours, op by op
         assert {r["op"] for r in parts["timings"]["rows"] if r["provider"] == "cpp"} == {
-            "pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat"}
+            "pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "upsampled_ce", "pairwise"}
     assert any("torch.compile: skipped: needs CUDA" in n for n in parts["timings"]["notes"])
     train = parts["train"]["rows"]
     assert {r["method"] for r in train if r["variant"] == "default"} == {"kd", "cad", "apd", "cwd"}

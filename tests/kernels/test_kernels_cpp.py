@@ -20,7 +20,9 @@ from kernels.angular import angular_loss_reference
 from kernels.bn_stat import bn_stat_distance_reference
 from kernels.channel_kl import channel_kl_reference
 from kernels.masked_avg_pool import masked_avg_pool_reference
+from kernels.pairwise import pairwise_similarity_reference
 from kernels.pixel_kl import pixel_kl_reference
+from kernels.upsampled_ce import upsampled_cross_entropy_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -39,6 +41,11 @@ def _labels(s):
     return (torch.arange(s.shape[0] * s.shape[2] * s.shape[3]) % 5).reshape(s.shape[0], *s.shape[2:])
 
 
+def _upsampled_labels(s):  # [B, 3h - 1, 2w + 1]: not a multiple of the logits' size
+    b, _, h, w = s.shape
+    return (torch.arange(b * (3 * h - 1) * (2 * w + 1)) % 23).reshape(b, 3 * h - 1, 2 * w + 1)  # 19..22 ignored
+
+
 CALLS = {
     "pixel_kl": (lambda s, t: kernels.pixel_kl(s, t), pixel_kl_reference, ["pixel_kl", "scale_grad_"]),
     "channel_kl": (lambda s, t: kernels.channel_kl(s, t), channel_kl_reference, ["channel_kl", "scale_grad_"]),
@@ -50,6 +57,12 @@ CALLS = {
     "masked_avg_pool": (lambda s, t: kernels.masked_avg_pool(s, _labels(s), 5)[0].pow(2).sum(),
                         lambda s, t: masked_avg_pool_reference(s, _labels(s), 5)[0].pow(2).sum(),
                         ["class_sums", "class_gather"]),
+    "upsampled_cross_entropy": (lambda s, t: kernels.upsampled_cross_entropy(s, _upsampled_labels(s)),
+                                lambda s, t: upsampled_cross_entropy_reference(s, _upsampled_labels(s)),
+                                ["upsampled_ce", "upsampled_ce_backward"]),
+    "pairwise_similarity_loss": (lambda s, t: kernels.pairwise_similarity_loss(s, t[:, :7]) * 100,
+                                 lambda s, t: pairwise_similarity_reference(s, t[:, :7]) * 100,
+                                 ["gram", "gram_apply", "unnormalise"]),
 }
 
 

@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import kernels.pairwise as pairwise
-from kernel_testing import DEVICE, GO, LAYOUT_PAIRS, laid_out, layout_copies, randn
+from kernel_testing import DEVICE, GO, LAYOUT_PAIRS, force_backend, laid_out, layout_copies, randn
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import pairwise_similarity_loss
 from kernels.pairwise import pairwise_similarity_gram, pairwise_similarity_reference
 
@@ -34,17 +35,17 @@ SHAPES = [(2, 19, 21, 5, 7), (1, 11, 150, 9, 13), (1, 171, 19, 3, 5), (2, 21, 21
           (1, 6, 9, 1, 17)]
 
 
-@pytest.fixture(params=["gram", "triton", "triton-small"])
+@pytest.fixture(params=["gram", "triton", "triton-small", "cuda"])
 def path(request, monkeypatch):
     """The custom op's torch Gram path (CPU tensors under SEGKD_KERNELS=auto), its Triton path (interpreted on the
-    CPU, buffers poisoned), and the Triton path with the smallest tiles, so small tensors still go through several
-    pixel and channel blocks of every loop."""
+    CPU, buffers poisoned), the Triton path with the smallest tiles, so small tensors still go through several
+    pixel and channel blocks of every loop, and the C++ kernels (SEGKD_KERNELS=cuda: the CPU twins here)."""
     if request.param == "gram":
         monkeypatch.setenv("SEGKD_KERNELS", "auto")
         if DEVICE == "cuda":
             pytest.skip("CUDA tensors take the Triton path under auto")
     else:
-        request.getfixturevalue("fused")
+        force_backend("cuda" if request.param == "cuda" else "triton", monkeypatch)
         if request.param == "triton-small":
             monkeypatch.setattr(pairwise, "GRAM_BLOCKS", (16, 16, 16))
             monkeypatch.setattr(pairwise, "APPLY_BLOCKS", (16, 16, 16))
@@ -210,10 +211,10 @@ class LargeTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode", ["auto", "torch", "triton"])
-def test_never_allocates_an_n_by_n_tensor(request, monkeypatch, mode):
-    if mode == "triton":
-        request.getfixturevalue("fused")
+@pytest.mark.parametrize("mode", ["auto", "torch", "triton", "cuda"])
+def test_never_allocates_an_n_by_n_tensor(monkeypatch, mode):
+    if mode in ("triton", "cuda"):
+        force_backend(mode, monkeypatch)
     else:
         monkeypatch.setenv("SEGKD_KERNELS", mode)
     b, cs, ct, h, w = 1, 6, 10, 12, 12  # N*N = 20736 elements; the largest legitimate tensor is B*C_t*N = 1440

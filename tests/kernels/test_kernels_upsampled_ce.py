@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 import kernels.upsampled_ce as uce
 from kernel_testing import DEVICE, DTYPES, GO, compare, laid_out, layout_copies, randn
+from kernel_testing import both_kernels  # noqa: F401  (the `fused` fixture: Triton and C++ kernels)
 from kernels import upsampled_cross_entropy
 from kernels.upsampled_ce import upsampled_cross_entropy_reference
 
@@ -93,6 +94,14 @@ def test_other_ignore_index_and_uint8_labels(fused):
     lab = torch.where(lab < 0, 3, lab).to(torch.uint8)  # uint8 cannot hold -1
     fn, ref = ce(lab, ignore_index=3)
     compare(fn, ref, [randn(2, 19, 4, 5, scale=2)])
+
+
+def test_wide_rows_and_many_tiles(fused):
+    """Output rows wider than the C++ backward's 128-pixel chunks (csrc/upsampled_ce.h: 300 output columns reach each
+    16-column tile of 20), several row tiles, column tiles and 32-class chunks (K = 40), with grad_output != 1."""
+    b, k, h, w, hh, ww = 1, 40, 9, 20, 13, 300
+    fn, ref = ce(make_labels(b, k, hh, ww, seed=5))
+    compare(fn, ref, [randn(b, k, h, w, scale=3)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
