@@ -34,9 +34,9 @@ output pixel's softmax is recomputed by the ~1.3 tiles its stencil reaches, once
 
 C++ backend (SEGKD_KERNELS=cuda; csrc/cuda/upsampled_ce.cu and its CPU twin): the same forward partials, one thread
 per output pixel; the backward is the same kind of gather without atomics or full-resolution buffers, written once
-in csrc/upsampled_ce.h as a tile algorithm that the CUDA block and the CPU task both run (4 x 16 low-res pixels x 32
-classes per tile, output rows in chunks of 128 columns, the transposed interpolation summed per accumulator column
-by its owning thread instead of a tl.dot).
+in csrc/upsampled_ce.h as a tile algorithm that the CUDA block and the CPU task both run (4 x 8 low-res pixels x up to
+256 classes per tile, so each output pixel's log-sum-exp is computed once per tile; output rows in chunks of 64
+columns; the transposed interpolation summed per accumulator column instead of a tl.dot).
 
 Traffic model (a model, not a measurement: each tensor counted once per kernel that reads or writes it, gathers
 assumed to hit the cache) at the workload B = 8, K = 19, 64x128 bf16 logits -> 512x1024 int64 labels

@@ -88,7 +88,7 @@ void forward_blocks(const at::Tensor& x, const at::Tensor& y, const CeGeometry& 
 
 template <typename scalar_t, typename label_t>
 void backward_tiles(const at::Tensor& x, const at::Tensor& y, float g_scale, at::Tensor& g, const CeGeometry& G) {
-  const int64_t nth = (G.h + kCeTH - 1) / kCeTH, ntw = (G.w + kCeTW - 1) / kCeTW, nk = (G.K + kCeKC - 1) / kCeKC;
+  const int64_t nth = (G.h + kCeTH - 1) / kCeTH, ntw = (G.w + kCeTW - 1) / kCeTW, nk = (G.K + kCeKG - 1) / kCeKG;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const label_t* yp = y.data_ptr<label_t>();
   scalar_t* gp = g.data_ptr<scalar_t>();
@@ -96,7 +96,7 @@ void backward_tiles(const at::Tensor& x, const at::Tensor& y, float g_scale, at:
     auto tile = std::make_unique<CeTile>();
     for (int64_t job = begin; job < end; ++job) {  // the CUDA kernel's grid (tile, class chunk, image)
       const int64_t t = job % (nth * ntw), kc = (job / (nth * ntw)) % nk, b = job / (nth * ntw * nk);
-      ce_backward_tile(xp, yp, g_scale, gp, G, b, (t / ntw) * kCeTH, (t % ntw) * kCeTW, kc * kCeKC, *tile,
+      ce_backward_tile(xp, yp, g_scale, gp, G, b, (t / ntw) * kCeTH, (t % ntw) * kCeTW, kc * kCeKG, *tile,
                        SerialBlock{});
     }
   });

@@ -2,8 +2,8 @@
 // CUDA block (grid [nblk, B]): its stencil, the interpolated logits in two passes over the classes (max, sum of exp;
 // the gathers hit L1/L2: the low-res logits are 1/64 of the output pixels at 8x), the target's logit; the block's
 // loss sum and valid count are fixed-order block reductions (deterministic). Backward: csrc/upsampled_ce.h's tile
-// algorithm, one CUDA block of kThreads per tile (grid [tiles, class chunks, B]), its working memory in shared
-// memory; the CPU twin (csrc/cpu/upsampled_ce.cpp) runs the same function. No host sync: the gradient's scale is
+// algorithm, one CUDA block of kThreads per tile (grid [tiles, class groups, B]), its working memory (42.75 KB)
+// in shared memory; the CPU twin (csrc/cpu/upsampled_ce.cpp) runs the same function. No host sync: the gradient's scale is
 // read on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads, 2) upsampled_ce_backward_kernel(cons
   __shared__ CeTile tile;
   const int64_t ntw = (G.w + kCeTW - 1) / kCeTW;
   ce_backward_tile(x, y, *scale, g, G, static_cast<int64_t>(blockIdx.z), (blockIdx.x / ntw) * kCeTH,
-                   (blockIdx.x % ntw) * kCeTW, static_cast<int64_t>(blockIdx.y) * kCeKC, tile, ThreadBlock{});
+                   (blockIdx.x % ntw) * kCeTW, static_cast<int64_t>(blockIdx.y) * kCeKG, tile, ThreadBlock{});
 }
 
 void check(const at::Tensor& x, const at::Tensor& y, const char* name) {
@@ -108,7 +108,7 @@ void upsampled_ce_backward_cuda(const at::Tensor& x, const at::Tensor& y, const 
   TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat,
               "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype; scale fp32");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), nk = (x.size(1) + kCeKC - 1) / kCeKC;
+  const int64_t B = x.size(0), nk = (x.size(1) + kCeKG - 1) / kCeKG;
   const int64_t ntiles = ((x.size(2) + kCeTH - 1) / kCeTH) * ((x.size(3) + kCeTW - 1) / kCeTW);
   if (g.numel() == 0) return;
   const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(g));

@@ -97,10 +97,18 @@ def test_other_ignore_index_and_uint8_labels(fused):
 
 
 def test_wide_rows_and_many_tiles(fused):
-    """Output rows wider than the C++ backward's 128-pixel chunks (csrc/upsampled_ce.h: 300 output columns reach each
-    16-column tile of 20), several row tiles, column tiles and 32-class chunks (K = 40), with grad_output != 1."""
+    """Output rows wider than the C++ backward's 64-pixel chunks (csrc/upsampled_ce.h: ~130 output columns reach each
+    8-column tile of 20), several row tiles, column tiles and 32-class chunks (K = 40), with grad_output != 1."""
     b, k, h, w, hh, ww = 1, 40, 9, 20, 13, 300
     fn, ref = ce(make_labels(b, k, hh, ww, seed=5))
+    compare(fn, ref, [randn(b, k, h, w, scale=3)])
+
+
+def test_more_classes_than_a_tile_holds(fused):
+    """K = 300: two class groups of the C++ backward's tiles (at most 256 classes each, csrc/upsampled_ce.h), each
+    recomputing the log-sum-exp over all 300; five 64-class chunks of the Triton kernels."""
+    b, k, h, w, hh, ww = 1, 300, 3, 5, 7, 11
+    fn, ref = ce(make_labels(b, k, hh, ww, seed=6))
     compare(fn, ref, [randn(b, k, h, w, scale=3)])
 
 
