@@ -348,6 +348,9 @@ def upsampled_cross_entropy(logits, labels, ignore_index=255):
                          f"{tuple(labels.shape)} [B, H, W] with the same B")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"upsampled_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+    if 0 in logits.shape[1:] or 0 in labels.shape[1:]:
+        raise ValueError(f"upsampled_cross_entropy: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "need at least one class and one pixel")
     fused = use_cpp("upsampled_cross_entropy", logits) or use_triton(logits, labels, op="upsampled_cross_entropy")
     if not fused or logits.dtype == torch.float64:
         return upsampled_cross_entropy_reference(logits, labels, ignore_index)

@@ -30,11 +30,13 @@ struct Features {
 };
 
 // panel[k][i] = value(i0 + i, k0 + k), zero outside [0, ni) x [0, nk): a 64 x 16 panel, 4 elements per thread,
-// consecutive threads along the reduction index.
+// consecutive threads along i when i_unit (i is the unit-stride index in memory: coalesced loads), else along the
+// reduction index k. Either way a warp's shared stores fall in distinct banks (rows of 65 floats).
 template <class F>
-__device__ void load_panel(float (*panel)[kB + 1], int64_t i0, int64_t ni, int64_t k0, int64_t nk, F value) {
+__device__ void load_panel(float (*panel)[kB + 1], int64_t i0, int64_t ni, int64_t k0, int64_t nk, bool i_unit,
+                           F value) {
   for (int e = threadIdx.x; e < kB * kK; e += kThreads) {
-    const int i = e / kK, k = e % kK;
+    const int i = i_unit ? e % kB : e / kK, k = i_unit ? e / kB : e % kK;
     panel[k][i] = i0 + i < ni && k0 + k < nk ? value(i0 + i, k0 + k) : 0.0f;
   }
 }
@@ -62,8 +64,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const xs_t* __restrict__
   const Features<ys_t> fy{y + bi * ys.b, ry + bi * N, ys.c, ys.p};
   float acc[4][4] = {};
   for (int64_t n0 = 0; n0 < N; n0 += kK) {
-    load_panel(a, m0, M, n0, N, [&](int64_t m, int64_t n) { return fx.at(m, n); });
-    load_panel(b, p0, P, n0, N, [&](int64_t p, int64_t n) { return fy.at(p, n); });
+    load_panel(a, m0, M, n0, N, xs.c == 1, [&](int64_t m, int64_t n) { return fx.at(m, n); });  // i: channels
+    load_panel(b, p0, P, n0, N, ys.c == 1, [&](int64_t p, int64_t n) { return fy.at(p, n); });
     __syncthreads();
     tile_update(acc, a, b);
     __syncthreads();
@@ -99,8 +101,8 @@ __global__ void __launch_bounds__(kThreads, 2) gram_apply_kernel(
   float acc[4][4] = {};
   const auto accumulate = [&](const Gram& G, const auto& f, int64_t C) {  // acc += G F over C channels
     for (int64_t c0 = 0; c0 < C; c0 += kK) {
-      load_panel(a, m0, C1, c0, C, [&](int64_t m, int64_t c) { return G.at(m, c); });
-      load_panel(b, n0, N, c0, C, [&](int64_t n, int64_t c) { return f.at(c, n); });
+      load_panel(a, m0, C1, c0, C, G.sm == 1, [&](int64_t m, int64_t c) { return G.at(m, c); });
+      load_panel(b, n0, N, c0, C, f.sp == 1, [&](int64_t n, int64_t c) { return f.at(c, n); });  // i: pixels
       __syncthreads();
       tile_update(acc, a, b);
       __syncthreads();
@@ -157,8 +159,9 @@ void gram_cuda(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, c
   check_features(x, rx, "segkd_cpp::gram");
   check_features(y, ry, "segkd_cpp::gram");
   const int64_t B = x.size(0), M = x.size(1), P = y.size(1), N = rx.size(1);
-  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B * M * P,
-              "segkd_cpp::gram: g must be dense fp32 [B, M, P]");
+  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B * M * P && g.device() == x.device()
+                  && y.device() == x.device(),
+              "segkd_cpp::gram: g must be dense fp32 [B, M, P], on the features' device");
   if (g.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const dim3 grid(static_cast<unsigned>((P + kB - 1) / kB), static_cast<unsigned>((M + kB - 1) / kB),
@@ -182,6 +185,9 @@ void gram_apply_cuda(const at::Tensor& g1, const at::Tensor& x1, const at::Tenso
   TORCH_CHECK(g1.dim() == 3 && g1.size(1) == C1 && g1.size(2) == C1 && g2.dim() == 3 && g2.size(1) == C1 &&
                   g2.size(2) == C2 && g1.scalar_type() == at::kFloat && g2.scalar_type() == at::kFloat,
               "segkd_cpp::gram_apply: g1 must be fp32 [B, C1, C1] and g2 fp32 [B, C1, C2]");
+  TORCH_CHECK(g1.device() == x1.device() && g2.device() == x1.device() && x2.device() == x1.device() &&
+                  df.device() == x1.device() && proj.device() == x1.device(),
+              "segkd_cpp::gram_apply: every tensor must be on the features' device");
   TORCH_CHECK(df.is_contiguous() && df.numel() == B * C1 * N && proj.is_contiguous() && proj.numel() == B * nm * N &&
                   df.scalar_type() == at::kFloat && proj.scalar_type() == at::kFloat,
               "segkd_cpp::gram_apply: df must be dense fp32 [B, C1, N] and proj [B, ceil(C1 / 64), N]");
@@ -206,7 +212,9 @@ void unnormalise_cuda(const at::Tensor& x, const at::Tensor& r, const at::Tensor
   check_features(x, r, "segkd_cpp::unnormalise");
   const int64_t B = x.size(0), C = x.size(1), N = r.size(1);
   TORCH_CHECK(df.is_contiguous() && df.numel() == B * C * N && proj.is_contiguous() && proj.numel() == B * N &&
-                  dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat,
+                  dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat &&
+                  df.device() == x.device() && proj.device() == x.device() && scale.device() == x.device() &&
+                  dx.device() == x.device(),
               "segkd_cpp::unnormalise: df [B, C, N] and proj [B, N] dense fp32, dx shaped like x in its dtype");
   const int64_t total = B * C * N;
   if (total == 0) return;

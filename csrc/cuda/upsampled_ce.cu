@@ -2,7 +2,7 @@
 // CUDA block (grid [nblk, B]): its stencil, the interpolated logits in two passes over the classes (max, sum of exp;
 // the gathers hit L1/L2: the low-res logits are 1/64 of the output pixels at 8x), the target's logit; the block's
 // loss sum and valid count are fixed-order block reductions (deterministic). Backward: csrc/upsampled_ce.h's tile
-// algorithm, one CUDA block of kThreads per tile (grid [tiles, class groups, B]), its working memory (42.75 KB)
+// algorithm, one CUDA block of kThreads per tile (grid [tiles, class groups, B]), its working memory (44.2 KB)
 // in shared memory; the CPU twin (csrc/cpu/upsampled_ce.cpp) runs the same function. No host sync: the gradient's scale is
 // read on the device.
 #include <ATen/Dispatch.h>
@@ -87,8 +87,10 @@ void upsampled_ce_cuda(const at::Tensor& x, const at::Tensor& y, int64_t ignore_
   TORCH_CHECK(block == kThreads, "segkd_cpp::upsampled_ce: block must be ", kThreads, " on CUDA");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), nblk = (y.size(1) * y.size(2) + block - 1) / block;
-  TORCH_CHECK(loss.numel() == B * nblk && count.numel() == B * nblk && loss.is_contiguous() && count.is_contiguous(),
-              "segkd_cpp::upsampled_ce: loss and count must be dense fp32 [B, ceil(H*W / block)]");
+  TORCH_CHECK(loss.numel() == B * nblk && count.numel() == B * nblk && loss.is_contiguous() && count.is_contiguous() &&
+                  loss.scalar_type() == at::kFloat && count.scalar_type() == at::kFloat &&
+                  loss.device() == x.device() && count.device() == x.device(),
+              "segkd_cpp::upsampled_ce: loss and count must be dense fp32 [B, ceil(H*W / block)] on the logits' device");
   if (B == 0 || nblk == 0) return;
   const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(x));
   const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(B));
@@ -105,8 +107,10 @@ void upsampled_ce_cuda(const at::Tensor& x, const at::Tensor& y, int64_t ignore_
 void upsampled_ce_backward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                                 int64_t ignore_index, at::Tensor& g) {
   check(x, y, "segkd_cpp::upsampled_ce_backward");
-  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat,
-              "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype; scale fp32");
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat &&
+                  g.device() == x.device() && scale.device() == x.device(),
+              "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype, and scale fp32, "
+              "both on the logits' device");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), nk = (x.size(1) + kCeKG - 1) / kCeKG;
   const int64_t ntiles = ((x.size(2) + kCeTH - 1) / kCeTH) * ((x.size(3) + kCeTW - 1) / kCeTW);

@@ -239,6 +239,14 @@ def test_bad_inputs_are_named():
         upsampled_cross_entropy(randn(1, 19, 3, 5), randn(1, 7, 9))
 
 
+@pytest.mark.parametrize("x_shape, y_shape", [((1, 3, 0, 4), (1, 5, 5)), ((1, 3, 2, 0), (1, 5, 5)),
+                                              ((1, 0, 2, 2), (1, 5, 5)), ((1, 3, 2, 2), (1, 0, 5))], ids=str)
+def test_empty_maps_are_named(fused, x_shape, y_shape):
+    """Zero-sized logits or labels: one clear error on every path (a zero-sized stencil would read out of bounds)."""
+    with pytest.raises(ValueError, match="at least one class and one pixel"):
+        upsampled_cross_entropy(randn(*x_shape), torch.zeros(y_shape, dtype=torch.long, device=DEVICE))
+
+
 def test_exported():
     assert kernels.upsampled_cross_entropy is upsampled_cross_entropy and "upsampled_cross_entropy" in kernels.__all__
 
