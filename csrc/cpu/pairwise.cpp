@@ -3,10 +3,11 @@
 // thread accumulates its outputs; the backward's dF = G1 F1 - G2 F2 with its per-row-block share of <F1, dF>_C, and
 // the gradient through the normalisation (`unnormalised_grad`).
 //
-// Both products are C[kB, kB] tiles of A^T B: panels of kNC steps of the reduction index are packed as [step, kB]
-// (normalised, fp32, zero-padded) and a register-blocked rank update adds kMR rows at a time, the tile's columns in
-// SIMD lanes. One task per (image, row block, column block) (at::parallel_for). A CPU Gram is slower than BLAS (no
-// packing for the cache hierarchy beyond L1); what it buys is the normalisation on load, with no normalised copy.
+// Both products are C[kB, kB] tiles of A^T B, added by a register-blocked rank update kMR rows at a time, the tile's
+// columns in SIMD lanes; one task per (image, row block, column block) (at::parallel_for). The features are
+// normalised as they are packed, once per call, into fp32 copies laid out for the update (pixel-major for the Gram,
+// channel-major for dF): unlike the CUDA kernels, which normalise every tile's panels as they load them, the CPU
+// twin does keep a normalised copy, as the torch path does.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,19 +23,22 @@ namespace segkd {
 namespace {
 
 constexpr int64_t kB = 64;    // rows and columns of an output tile (csrc/cuda/pairwise.cu's too)
-constexpr int64_t kNC = 256;  // reduction steps per packed panel
+constexpr int64_t kNC = 256;  // channels per packed Gram panel of gram_apply
 constexpr int64_t kMR = 4;    // rows of the tile per rank update (kMR x kB accumulators in registers)
 
-// acc [kB, kB] += A^T B for panels A, B [kc, kB]: every output accumulates its kc products in order.
-void rank_update(float* acc, const float* A, const float* B, int64_t kc) {
+int64_t padded(int64_t n) { return (n + kB - 1) / kB * kB; }
+
+// acc [kB, kB] += A^T B over kc steps, A[k * lda + i] and B[k * ldb + j] (i, j < kB): every output accumulates its
+// kc products in order.
+void rank_update(float* acc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kc) {
   for (int64_t m0 = 0; m0 < kB; m0 += kMR) {
     float c[kMR][kB];
     for (int64_t r = 0; r < kMR; ++r) std::copy(acc + (m0 + r) * kB, acc + (m0 + r + 1) * kB, c[r]);
     for (int64_t k = 0; k < kc; ++k) {
-      const float* b = B + k * kB;
+      const float* b = B + k * ldb;
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kMR; ++r) {
-        const float a = A[k * kB + m0 + r];
+        const float a = A[k * lda + m0 + r];
 #pragma omp simd
         for (int64_t p = 0; p < kB; ++p) c[r][p] += a * b[p];
       }
@@ -43,37 +47,34 @@ void rank_update(float* acc, const float* A, const float* B, int64_t kc) {
   }
 }
 
-// P[k, i] = f[b, ch0 + i, n0 + k] (normalised), zero beyond the channels: a Gram panel (reduction over pixels).
+// The normalised features of every image, packed once (in parallel) for the tiles to share:
+// pixel-major P[b][n][c] (padded to a multiple of kB channels with zeros) for the Gram (a reduction over pixels), or
+// channel-major P[b][c][n] (padded pixels) for dF (a reduction over channels).
 template <typename scalar_t>
-void pack_pixels(const at::Tensor& x, const float* r, int64_t b, int64_t ch0, int64_t n0, int64_t kc, float* P) {
+void pack_features(const at::Tensor& x, const float* r, bool pixel_major, std::vector<float>& P) {
   const Bchw xs = bchw_strides(x);
-  const int64_t nch = std::min(kB, x.size(1) - ch0), N = x.size(2) * x.size(3);
-  const scalar_t* xb = x.data_ptr<scalar_t>() + b * xs.b;
-  std::fill(P, P + kc * kB, 0.0f);
-  for (int64_t i = 0; i < nch; ++i) {
-    const scalar_t* row = xb + (ch0 + i) * xs.c;
-    for (int64_t k = 0; k < kc; ++k) {
-      const int64_t n = n0 + k;
-      P[k * kB + i] = normalised(to_float(row[n * xs.p]), r[b * N + n]);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3);
+  const int64_t Cp = pixel_major ? padded(C) : C, Np = pixel_major ? N : padded(N);
+  P.assign(B * Cp * Np, 0.0f);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / C, c = row % C;
+      const scalar_t* xr = xp + b * xs.b + c * xs.c;
+      const float* rb = r + b * N;
+      float* out = P.data() + b * Cp * Np + (pixel_major ? c : c * Np);
+      const int64_t step = pixel_major ? Cp : 1;
+      for (int64_t n = 0; n < N; ++n) out[n * step] = normalised(to_float(xr[n * xs.p]), rb[n]);
     }
-  }
+  });
 }
 
-// P[k, j] = f[b, c0 + k, n0 + j] (normalised), zero beyond the pixels: a panel of dF's product (reduction over
-// channels).
-template <typename scalar_t>
-void pack_channels(const at::Tensor& x, const float* r, int64_t b, int64_t c0, int64_t kc, int64_t n0, float* P) {
-  const Bchw xs = bchw_strides(x);
-  const int64_t N = x.size(2) * x.size(3), nn = std::min(kB, N - n0);
-  const scalar_t* xb = x.data_ptr<scalar_t>() + b * xs.b;
-  std::fill(P, P + kc * kB, 0.0f);
-  for (int64_t k = 0; k < kc; ++k) {
-    const scalar_t* row = xb + (c0 + k) * xs.c + n0 * xs.p;
-    for (int64_t j = 0; j < nn; ++j) P[k * kB + j] = normalised(to_float(row[j * xs.p]), r[b * N + n0 + j]);
-  }
+void packed(const at::Tensor& x, const at::Tensor& r, bool pixel_major, std::vector<float>& P) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_pairwise_pack_cpu",
+                                  [&] { pack_features<scalar_t>(x, r.data_ptr<float>(), pixel_major, P); });
 }
 
-// P[k, i] = sign * G[b, m0 + i, c0 + k] (any strides), zero beyond the rows.
+// P[k, i] = sign * G[b, m0 + i, c0 + k] (any strides), zero beyond the rows: a panel of dF's Gram.
 void pack_gram(const at::Tensor& G, float sign, int64_t b, int64_t m0, int64_t c0, int64_t kc, float* P) {
   const float* g = G.data_ptr<float>() + b * G.stride(0);
   const int64_t nm = std::min(kB, G.size(1) - m0);
@@ -82,13 +83,14 @@ void pack_gram(const at::Tensor& G, float sign, int64_t b, int64_t m0, int64_t c
     for (int64_t k = 0; k < kc; ++k) P[k * kB + i] = sign * g[(m0 + i) * G.stride(1) + (c0 + k) * G.stride(2)];
 }
 
-#define SEGKD_DISPATCH_FEATURES(X, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (X).scalar_type(), NAME, __VA_ARGS__)
-
 void check_features(const at::Tensor& x, const at::Tensor& r, const char* name) {
   TORCH_CHECK(x.dim() == 4 && r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == x.size(2) * x.size(3) &&
                   r.is_contiguous() && r.scalar_type() == at::kFloat,
               name, ": features must be [B, C, h, w] with inverse norms dense fp32 [B, h*w]");
+}
+
+bool same_features(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry) {
+  return x.is_same(y) && rx.is_same(ry);
 }
 
 }  // namespace
@@ -99,23 +101,18 @@ void gram_cpu(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, co
   const int64_t B = x.size(0), M = x.size(1), P = y.size(1), N = rx.size(1);
   TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B * M * P,
               "segkd_cpp::gram: g must be dense fp32 [B, M, P]");
-  const int64_t nm = (M + kB - 1) / kB, np = (P + kB - 1) / kB;
+  std::vector<float> xpk, ypk;
+  packed(x, rx, true, xpk);  // [B, N, Mp]
+  if (!same_features(x, rx, y, ry)) packed(y, ry, true, ypk);
+  const std::vector<float>& yp = same_features(x, rx, y, ry) ? xpk : ypk;
+  const int64_t Mp = padded(M), Pp = padded(P), nm = Mp / kB, np = Pp / kB;
   float* gp = g.data_ptr<float>();
   at::parallel_for(0, B * nm * np, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kB * kB), A(kNC * kB), Bp(kNC * kB);
+    std::vector<float> acc(kB * kB);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / (nm * np), m0 = (job / np % nm) * kB, p0 = job % np * kB;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t n0 = 0; n0 < N; n0 += kNC) {
-        const int64_t kc = std::min(kNC, N - n0);
-        SEGKD_DISPATCH_FEATURES(x, "segkd_gram_cpu", [&] {
-          pack_pixels<scalar_t>(x, rx.data_ptr<float>(), b, m0, n0, kc, A.data());
-        });
-        SEGKD_DISPATCH_FEATURES(y, "segkd_gram_cpu", [&] {
-          pack_pixels<scalar_t>(y, ry.data_ptr<float>(), b, p0, n0, kc, Bp.data());
-        });
-        rank_update(acc.data(), A.data(), Bp.data(), kc);
-      }
+      rank_update(acc.data(), xpk.data() + b * N * Mp + m0, Mp, yp.data() + b * N * Pp + p0, Pp, N);
       for (int64_t i = 0; i < std::min(kB, M - m0); ++i)
         for (int64_t j = 0; j < std::min(kB, P - p0); ++j) gp[(b * M + m0 + i) * P + p0 + j] = acc[i * kB + j];
     }
@@ -133,37 +130,35 @@ void gram_apply_cpu(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor
   TORCH_CHECK(df.is_contiguous() && df.numel() == B * C1 * N && proj.is_contiguous() && proj.numel() == B * nm * N &&
                   df.scalar_type() == at::kFloat && proj.scalar_type() == at::kFloat,
               "segkd_cpp::gram_apply: df must be dense fp32 [B, C1, N] and proj [B, ceil(C1 / 64), N]");
-  const int64_t nn = (N + kB - 1) / kB;
+  std::vector<float> f1, f2;
+  packed(x1, r1, false, f1);  // [B, C1, Np]
+  packed(x2, r2, false, f2);  // [B, C2, Np]
+  const int64_t Np = padded(N), nn = Np / kB;
   float *dp = df.data_ptr<float>(), *pp = proj.data_ptr<float>();
   at::parallel_for(0, B * nm * nn, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kB * kB), A(kNC * kB), Bp(kNC * kB), f(kB * kB);
+    std::vector<float> acc(kB * kB), A(kNC * kB);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / (nm * nn), mb = job / nn % nm, m0 = mb * kB, n0 = job % nn * kB;
       const int64_t rows = std::min(kB, C1 - m0), cols = std::min(kB, N - n0);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      const auto accumulate = [&](const at::Tensor& G, float sign, const at::Tensor& x, const at::Tensor& r) {
-        for (int64_t c0 = 0; c0 < x.size(1); c0 += kNC) {  // acc += sign G F over x's channels
-          const int64_t kc = std::min(kNC, x.size(1) - c0);
+      const auto accumulate = [&](const at::Tensor& G, float sign, const std::vector<float>& f, int64_t C) {
+        for (int64_t c0 = 0; c0 < C; c0 += kNC) {  // acc += sign G F over C channels
+          const int64_t kc = std::min(kNC, C - c0);
           pack_gram(G, sign, b, m0, c0, kc, A.data());
-          SEGKD_DISPATCH_FEATURES(x, "segkd_gram_apply_cpu", [&] {
-            pack_channels<scalar_t>(x, r.data_ptr<float>(), b, c0, kc, n0, Bp.data());
-          });
-          rank_update(acc.data(), A.data(), Bp.data(), kc);
+          rank_update(acc.data(), A.data(), kB, f.data() + (b * C + c0) * Np + n0, Np, kc);
         }
       };
-      accumulate(g1, 1.0f, x1, r1);   // + G1 F1
-      accumulate(g2, -1.0f, x2, r2);  // - G2 F2
+      accumulate(g1, 1.0f, f1, C1);   // + G1 F1
+      accumulate(g2, -1.0f, f2, C2);  // - G2 F2
       // the tile's own rows of F1, for its share of <F1, dF>_C (summed over the row blocks in kernels/pairwise.py)
-      SEGKD_DISPATCH_FEATURES(x1, "segkd_gram_apply_cpu", [&] {
-        pack_channels<scalar_t>(x1, r1.data_ptr<float>(), b, m0, rows, n0, f.data());
-      });
       float* pr = pp + (b * nm + mb) * N + n0;
       std::fill(pr, pr + cols, 0.0f);
       for (int64_t i = 0; i < rows; ++i) {
         float* out = dp + (b * C1 + m0 + i) * N + n0;
+        const float* f = f1.data() + (b * C1 + m0 + i) * Np + n0;
         for (int64_t j = 0; j < cols; ++j) {
           out[j] = acc[i * kB + j];
-          pr[j] += f[i * kB + j] * acc[i * kB + j];
+          pr[j] += f[j] * acc[i * kB + j];
         }
       }
     }
@@ -180,7 +175,7 @@ void unnormalise_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor&
   const float s = scale.to(at::kFloat).item<float>();  // CPU memory: no device sync
   const Bchw xs = bchw_strides(x), ds = bchw_strides(dx);
   const float *rp = r.data_ptr<float>(), *dfp = df.data_ptr<float>(), *pp = proj.data_ptr<float>();
-  SEGKD_DISPATCH_FEATURES(x, "segkd_unnormalise_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_unnormalise_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
