@@ -9,7 +9,8 @@
 TORCH_LIBRARY(segkd_cpp, m) {
   m.def("pixel_kl(Tensor s, Tensor t, Tensor? valid, Tensor nvalid, Tensor? wscale, Tensor(a!) kl, Tensor(b!) g, "
         "float temperature, bool write_grad, int block) -> ()");
-  m.def("channel_kl(Tensor s, Tensor t, Tensor(a!) kl, Tensor(b!) g, float temperature, bool write_grad) -> ()");
+  m.def("channel_kl(Tensor s, Tensor t, Tensor(a!) kl, Tensor(b!) g, float temperature, float scale, "
+        "bool write_grad) -> ()");
   m.def("angular_stats(Tensor s, Tensor t, int mode, int chunk, Tensor(a!) out) -> ()");
   m.def("angular_apply(Tensor s, Tensor t, Tensor k, int mode, Tensor(a!) g) -> ()");
   m.def("bn_stat(Tensor x, int chunk, Tensor(a!) out) -> ()");

@@ -40,11 +40,11 @@ void pixel_kl_cuda(const at::Tensor& s, const at::Tensor& t, const c10::optional
                    double temperature, bool write_grad, int64_t block);
 
 // channel_kl (kernels/channel_kl.py): per row (b, c) of H*W logits, sum_hw q_t (log q_t - log q_s) into
-// kl[b * C + c], and (write_grad) T / (B*C) (q_s - q_t) into g.
+// kl[b * C + c], and (write_grad) T scale / (B*C) (q_s - q_t) into g.
 void channel_kl_cpu(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
-                    bool write_grad);
+                    double scale, bool write_grad);
 void channel_kl_cuda(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
-                     bool write_grad);
+                     double scale, bool write_grad);
 
 // angular_loss (kernels/angular.py), mode 0 layer, 1 channel, 2 point. Groups: samples b (layer: elements (c, p)
 // in logical NCHW order), rows (b, c) (channel: elements p), pixels (b, p) (point: elements c). Layer and channel

@@ -11,7 +11,9 @@ through the strides, never copied; the gradient takes the student's layout) can 
 and a row per program would leave most of a GPU idle at B*C = 152, so rows are cut into splits: pass 1 gives
 each split's
 online max and sum of exp, pass 2 combines a row's splits into its log-normaliser, then computes the
-KL and (when the student needs it) writes the gradient. Backward only scales that gradient.
+KL and (when the student needs it) writes the gradient. Backward only scales that gradient, and not at all when
+grad_output is 1: a method's weight is passed as `scale` (loss and gradient scaled in the forward) rather than
+multiplied onto the result.
 """
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,13 @@ from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, nee
 from kernels._grad_scale import scale_grad
 
 
-def channel_kl_reference(student, teacher, temperature=4.0):
-    """student, teacher: [B, C, H, W]. Returns a float32 scalar."""
+def channel_kl_reference(student, teacher, temperature=4.0, scale=1.0):
+    """student, teacher: [B, C, H, W]; scale: a constant factor. Returns a float32 scalar."""
     t = float(temperature)
     b, c = student.shape[:2]
     log_qs = F.log_softmax(upcast(student).reshape(b, c, -1) / t, dim=-1)  # [B, C, HW]
     log_qt = F.log_softmax(upcast(teacher).reshape(b, c, -1) / t, dim=-1)
-    return ((log_qt.exp() * (log_qt - log_qs)).sum() * (t * t) / (b * c)).float()
+    return ((log_qt.exp() * (log_qt - log_qs)).sum() * (t * t * scale) / (b * c)).float()
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def _channel_kl_fwd_kernel(
     t_sb, t_sc, t_sp,
     g_sb, g_sc, g_sp,
     inv_temp,
-    g_scale,  # T / (B*C)
+    g_scale,  # T * scale / (B*C)
     WRITE_GRAD: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -132,8 +134,9 @@ def _channel_kl_fwd_kernel(
     tl.store(kl_ptr + row * n_splits + split, tl.sum(kl, axis=0))
 
 
-def channel_kl_forward(student, teacher, temperature, write_grad):
-    """Launch both passes. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked)."""
+def channel_kl_forward(student, teacher, temperature, write_grad, scale=1.0):
+    """Launch both passes. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked), both
+    times `scale`."""
     s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
     t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
@@ -142,8 +145,8 @@ def channel_kl_forward(student, teacher, temperature, write_grad):
     if use_cpp("channel_kl", s):  # the C++ kernel (csrc/): one task / CUDA block per row, same buffers
         kl = empty((rows,), torch.float32, s.device)
         g = empty_like(student) if write_grad else s.new_empty(0)
-        _cpp.ops().channel_kl(s, t, kl, g, temp, write_grad)
-        return kl.sum() * (temp * temp / rows), g
+        _cpp.ops().channel_kl(s, t, kl, g, temp, float(scale), write_grad)
+        return kl.sum() * (temp * temp * scale / rows), g
     block, chunk, n_splits = row_tiling(length)
     stats = empty((4, rows, n_splits), torch.float32, s.device)
     kl = empty((rows, n_splits), torch.float32, s.device)
@@ -154,20 +157,20 @@ def channel_kl_forward(student, teacher, temperature, write_grad):
     _channel_kl_stats_kernel[grid](s, t, stats, length, c, *s_strides, *t_strides, 1.0 / temp, CHUNK=chunk,
                                    BLOCK=block, num_warps=warps)
     _channel_kl_fwd_kernel[grid](s, t, stats, kl, g if write_grad else s, length, c, *s_strides, *t_strides,
-                                 *g_strides, 1.0 / temp, temp / rows,
+                                 *g_strides, 1.0 / temp, temp * scale / rows,
                                  WRITE_GRAD=write_grad, CHUNK=chunk, BLOCK=block, S_PAD=next_pow2(n_splits),
                                  num_warps=warps)
-    return kl.sum() * (temp * temp / rows), g
+    return kl.sum() * (temp * temp * scale / rows), g
 
 
 @torch.library.custom_op("segkd::channel_kl", mutates_args=())
-def _channel_kl_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                   write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return channel_kl_forward(student, teacher, temperature, write_grad)
+def _channel_kl_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, write_grad: bool,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return channel_kl_forward(student, teacher, temperature, write_grad, scale)
 
 
 @_channel_kl_op.register_fake
-def _(student, teacher, temperature, write_grad):
+def _(student, teacher, temperature, write_grad, scale=1.0):
     grad = empty_like(student, poison=False) if write_grad else student.new_empty(0)  # as the launcher
     return student.new_empty((), dtype=torch.float32), grad
 
@@ -182,15 +185,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     scale_grad(grad, grad_loss)
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 _channel_kl_op.register_autograd(_backward, setup_context=_setup_context)
 _ChannelKlEager = eager_function(channel_kl_forward, _setup_context, _backward)  # see eager_cpp
 
 
-def channel_kl(student, teacher, temperature=4.0):
-    """Channel-wise KD loss; see the module docstring for the formula and normalisation.
+def channel_kl(student, teacher, temperature=4.0, scale=1.0):
+    """Channel-wise KD loss; see the module docstring for the formula and normalisation. scale: a constant factor
+    of the loss (a method's weight), applied in the kernel so that the backward need not rescale the gradient.
 
     Fused kernels when `kernels._dispatch.use_triton` says so; a teacher that requires grad takes the
     torch reference (the kernels differentiate the student only).
@@ -199,6 +203,6 @@ def channel_kl(student, teacher, temperature=4.0):
         raise ValueError(f"channel_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          "must both be [B, C, H, W]")
     if not (use_cpp("channel_kl", student) or use_triton(student, teacher, op="channel_kl")) or needs_grad(teacher):
-        return channel_kl_reference(student, teacher, temperature)
+        return channel_kl_reference(student, teacher, temperature, scale)
     op = _ChannelKlEager.apply if eager_cpp(student) else _channel_kl_op
-    return op(student, teacher, float(temperature), needs_grad(student))[0]
+    return op(student, teacher, float(temperature), needs_grad(student), float(scale))[0]

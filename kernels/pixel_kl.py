@@ -11,6 +11,10 @@ With per-image weights w [B] (DFSS's weighted per-image KD), each image is avera
 (an image with no valid pixel contributes 0). The weights are constants: a gradient for them is the torch
 reference's.
 
+`scale` (a constant, default 1) multiplies the loss and the gradient the forward writes: a method's loss weight
+passed here rather than multiplied onto the result, so that the backward's grad_output is 1 (the total loss is a
+sum) and the gradient is not read and written a second time to scale it (`_grad_scale.py` skips grad_output == 1).
+
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015); per-pixel form as in
 Liu et al., "Structured Knowledge Distillation for Semantic Segmentation" (CVPR 2019).
 
@@ -31,9 +35,9 @@ from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, nee
 from kernels._grad_scale import scale_grad
 
 
-def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=None):
-    """student, teacher: [B, C, H, W] logits; valid: optional bool [B, H, W]; weights: optional [B].
-    Returns a float32 scalar.
+def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=None, scale=1.0):
+    """student, teacher: [B, C, H, W] logits; valid: optional bool [B, H, W]; weights: optional [B]; scale: a
+    constant factor. Returns a float32 scalar.
 
     V is the set of valid pixels (all pixels when `valid` is None); the loss is 0 when V is empty. With
     `weights`, L_w of the module docstring: the w_b-weighted sum of the per-image means over V_b.
@@ -48,11 +52,11 @@ def pixel_kl_reference(student, teacher, temperature=1.0, valid=None, weights=No
         else:
             kl = torch.where(valid, kl, torch.zeros_like(kl))
             per_image = kl.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
-        return ((upcast(weights) * per_image).sum() * (t * t)).float()
+        return ((upcast(weights) * per_image).sum() * (t * t * scale)).float()
     if valid is None:
-        return (kl.mean() * (t * t)).float()
+        return (kl.mean() * (t * t * scale)).float()
     kl = torch.where(valid, kl, torch.zeros_like(kl))
-    return (kl.sum() / valid.sum().clamp_min(1) * (t * t)).float()
+    return (kl.sum() / valid.sum().clamp_min(1) * (t * t * scale)).float()
 
 
 CPP_BLOCK = 256  # pixels per block of the C++ kernels (a CUDA block's threads; a CPU task's inner loop)
@@ -161,9 +165,9 @@ def _pixel_kl_fwd_kernel(
     tl.store(kl_ptr + b * tl.num_programs(0) + blk, tl.sum(tl.where(pix, kl, 0.0), axis=0))
 
 
-def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=None):
+def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=None, scale=1.0):
     """Launch the fused kernel. Returns (loss [] fp32, dL/dz_s [B, C, H, W] student dtype, or [0] if not asked);
-    L_w (the module docstring) when `weights` [B] is given."""
+    L_w (the module docstring) when `weights` [B] is given; both times `scale`."""
     s, s_strides = strided_bchw(student)  # no copy for NCHW or channels-last
     t, t_strides = strided_bchw(teacher)
     b, c = s.shape[:2]
@@ -175,18 +179,23 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=N
     else:
         v = valid.contiguous().view(torch.uint8)
         nvalid = valid.sum().to(torch.float32)  # stays on device: no host sync
+    # A scale or weights take the kernels' per-image path: wscale [B] multiplies image b's KL sum and gradient
+    # (for a scale alone, scale / |V| for every image: the batch mean, scaled).
+    weighted = weights is not None or float(scale) != 1.0
     wscale = nvalid  # never read (HAS_WEIGHTS is False)
     if weights is not None:
         n_b = v.view(b, hw).sum(1, dtype=torch.float32) if valid is not None else torch.full_like(nvalid, float(hw))
-        wscale = weights.to(torch.float32) / n_b.clamp_min(1.0)  # [B]: the kernel's per-image scale
+        wscale = weights.to(torch.float32) * float(scale) / n_b.clamp_min(1.0)  # [B]: the per-image scale
+    elif weighted:
+        wscale = (float(scale) / nvalid.clamp_min(1.0)).expand(b).contiguous()
 
     if use_cpp("pixel_kl", s):  # the C++ kernel (csrc/) in place of the Triton launch, same buffers
         block = CPP_BLOCK
         kl = empty((b, -(-hw // block)), torch.float32, dev)
         g = empty_like(student) if write_grad else s.new_empty(0)
-        _cpp.ops().pixel_kl(s, t, None if valid is None else v, nvalid, None if weights is None else wscale, kl, g,
+        _cpp.ops().pixel_kl(s, t, None if valid is None else v, nvalid, wscale if weighted else None, kl, g,
                             float(temperature), write_grad, block)
-        return _pixel_kl_loss(kl, nvalid, wscale, temperature, weights is not None), g
+        return _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted), g
 
     c_pad = next_pow2(c)
     one_tile = c_pad <= 256
@@ -202,9 +211,9 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=N
     _pixel_kl_fwd_kernel[(n_blk, b)](
         s, t, v, nvalid, wscale, kl, g if write_grad else s, c, hw, *s_strides, *t_strides, *g_strides,
         1.0 / float(temperature), float(temperature),
-        HAS_VALID=valid is not None, HAS_WEIGHTS=weights is not None, WRITE_GRAD=write_grad, C_BLOCK=c_block,
+        HAS_VALID=valid is not None, HAS_WEIGHTS=weighted, WRITE_GRAD=write_grad, C_BLOCK=c_block,
         HW_BLOCK=hw_block, ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
-    return _pixel_kl_loss(kl, nvalid, wscale, temperature, weights is not None), g
+    return _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted), g
 
 
 def _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted):
@@ -216,12 +225,13 @@ def _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted):
 
 @torch.library.custom_op("segkd::pixel_kl", mutates_args=())
 def _pixel_kl_op(student: torch.Tensor, teacher: torch.Tensor, valid: Optional[torch.Tensor], temperature: float,
-                 write_grad: bool, weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights)
+                 write_grad: bool, weights: Optional[torch.Tensor] = None,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights, scale)
 
 
 @_pixel_kl_op.register_fake
-def _(student, teacher, valid, temperature, write_grad, weights=None):
+def _(student, teacher, valid, temperature, write_grad, weights=None, scale=1.0):
     grad = empty_like(student, poison=False) if write_grad else student.new_empty(0)  # as the launcher
     return student.new_empty((), dtype=torch.float32), grad
 
@@ -236,18 +246,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     scale_grad(grad, grad_loss)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 _pixel_kl_op.register_autograd(_backward, setup_context=_setup_context)
 _PixelKlEager = eager_function(pixel_kl_forward, _setup_context, _backward)  # see eager_cpp
 
 
-def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
+def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None, scale=1.0):
     """Per-pixel KD loss; see the module docstring for the formula and normalisation.
 
     weights: optional [B] per-image weights -> L_w, the weighted sum of per-image means, in one launch (DFSS's
     weighted KD); without them the loss is the mean over all valid pixels of the batch, as before.
+    scale: a constant factor of the loss (a method's weight), applied in the kernel so that the backward need not
+    rescale the gradient.
 
     Runs the fused Triton kernel when `kernels._dispatch.use_triton` says so, the C++ one (csrc/) under
     SEGKD_KERNELS=cuda. A teacher or weights that require grad
@@ -263,6 +275,6 @@ def pixel_kl(student, teacher, temperature=1.0, valid=None, weights=None):
                          f"{weights.dtype} {tuple(weights.shape)}")
     fixed = (teacher,) if weights is None else (teacher, weights)  # what the fused kernel does not differentiate
     if not (use_cpp("pixel_kl", student) or use_triton(student, *fixed, op="pixel_kl")) or needs_grad(*fixed):
-        return pixel_kl_reference(student, teacher, temperature, valid, weights)
+        return pixel_kl_reference(student, teacher, temperature, valid, weights, scale)
     op = _PixelKlEager.apply if eager_cpp(student) else _pixel_kl_op
-    return op(student, teacher, valid, float(temperature), needs_grad(student), weights)[0]
+    return op(student, teacher, valid, float(temperature), needs_grad(student), weights, float(scale))[0]

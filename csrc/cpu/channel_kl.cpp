@@ -91,14 +91,14 @@ void channel_kl_row(const scalar_t* sr, const scalar_t* tr, scalar_t* gr, int64_
 
 template <typename scalar_t, bool kUnit>
 void channel_kl_rows(const at::Tensor& s, const at::Tensor& t, float* kl, at::Tensor& g, float temperature,
-                     bool write_grad) {
+                     float scale, bool write_grad) {
   const int64_t C = s.size(1), L = s.size(2) * s.size(3), rows = s.size(0) * C;
   const Bchw ss = bchw_strides(s), ts = bchw_strides(t);
   const Bchw gs = write_grad ? bchw_strides(g) : ss;
   const scalar_t* sp = s.data_ptr<scalar_t>();
   const scalar_t* tp = t.data_ptr<scalar_t>();
   scalar_t* gp = write_grad ? g.data_ptr<scalar_t>() : nullptr;
-  const float inv_t = 1.0f / temperature, grad_scale = temperature / static_cast<float>(rows);
+  const float inv_t = 1.0f / temperature, grad_scale = temperature * scale / static_cast<float>(rows);
   const bool cache = L <= kCached;
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -122,18 +122,18 @@ void channel_kl_rows(const at::Tensor& s, const at::Tensor& t, float* kl, at::Te
 }  // namespace
 
 void channel_kl_cpu(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
-                    bool write_grad) {
+                    double scale, bool write_grad) {
   TORCH_CHECK(s.dim() == 4 && s.sizes() == t.sizes() && s.scalar_type() == t.scalar_type(),
               "segkd_cpp::channel_kl: student and teacher must be [B, C, H, W] of one dtype");
   TORCH_CHECK(kl.is_contiguous() && kl.scalar_type() == at::kFloat && kl.numel() == s.size(0) * s.size(1),
               "segkd_cpp::channel_kl: kl must be dense fp32 [B * C]");
   const bool unit = bchw_strides(s).p == 1 && bchw_strides(t).p == 1 && (!write_grad || bchw_strides(g).p == 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "segkd_channel_kl_cpu", [&] {
-    const float temp = static_cast<float>(temperature);
+    const float temp = static_cast<float>(temperature), sc = static_cast<float>(scale);
     if (unit) {
-      channel_kl_rows<scalar_t, true>(s, t, kl.data_ptr<float>(), g, temp, write_grad);
+      channel_kl_rows<scalar_t, true>(s, t, kl.data_ptr<float>(), g, temp, sc, write_grad);
     } else {
-      channel_kl_rows<scalar_t, false>(s, t, kl.data_ptr<float>(), g, temp, write_grad);
+      channel_kl_rows<scalar_t, false>(s, t, kl.data_ptr<float>(), g, temp, sc, write_grad);
     }
   });
 }

@@ -53,7 +53,7 @@ __global__ void channel_kl_kernel(const scalar_t* __restrict__ s, const scalar_t
 }  // namespace
 
 void channel_kl_cuda(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, at::Tensor& g, double temperature,
-                     bool write_grad) {
+                     double scale, bool write_grad) {
   TORCH_CHECK(s.dim() == 4 && s.sizes() == t.sizes() && s.scalar_type() == t.scalar_type(),
               "segkd_cpp::channel_kl: student and teacher must be [B, C, H, W] of one dtype");
   const c10::cuda::CUDAGuard guard(s.device());
@@ -65,8 +65,8 @@ void channel_kl_cuda(const at::Tensor& s, const at::Tensor& t, at::Tensor& kl, a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "segkd_channel_kl_cuda", [&] {
     channel_kl_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), kl.data_ptr<float>(),
-        write_grad ? g.data_ptr<scalar_t>() : nullptr, C, L, ss, ts, gs, 1.0f / temp, temp / static_cast<float>(rows),
-        write_grad);
+        write_grad ? g.data_ptr<scalar_t>() : nullptr, C, L, ss, ts, gs, 1.0f / temp,
+        temp * static_cast<float>(scale) / static_cast<float>(rows), write_grad);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

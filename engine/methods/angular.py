@@ -46,8 +46,8 @@ class _Angular(FeatureMethod):
         fs, ft = self.pair(s, t)
         terms = {"ad": self.cfg.ad_weight * kernels.angular_loss(fs, ft, self.mode)}
         if self.cfg.ad_kd_weight:
-            terms["kd"] = self.cfg.ad_kd_weight * logit_kd(s.logits, t.logits, self.cfg.temperature,
-                                                           self.cfg.ad_kd_unit)
+            terms["kd"] = logit_kd(s.logits, t.logits, self.cfg.temperature, self.cfg.ad_kd_unit,
+                                   self.cfg.ad_kd_weight)
         return terms
 
 

@@ -130,14 +130,14 @@ class APD(Method):
         terms = self.code_terms if cfg.apd_convention == "code" else self.paper_terms
         l_t, l_rec, l_ob, l_kd = terms(s, t, batch["label"], f_s, f_t, a_s, a_t, counts, labels)
         return {
-            "kd": cfg.apd_kd_weight * l_kd,
+            "kd": l_kd,  # lambda_kd applied inside pixel_kl
             "ob": cfg.apd_kd_weight * l_ob,
             "rec": cfg.apd_rec_weight * l_rec,
             "teacher_proj": l_t,
         }
 
     def paper_terms(self, s, t, full_labels, f_s, f_t, a_s, a_t, counts, labels):
-        """(L_t, L_rec, L_ob, L_kd) with per-image prototypes; see the module docstring."""
+        """(L_t, L_rec, L_ob, lambda_kd L_kd) with per-image prototypes; see the module docstring."""
         cfg, tau = self.cfg, self.cfg.apd_tau
         present = counts > 0  # [B, K]
         l_t = segmentation_ce(kernels.prototype_logits(f_t, a_t, present, tau), labels, self.ignore_index)
@@ -146,11 +146,12 @@ class APD(Method):
         l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s, a_t.detach(), present, tau)
         if cfg.apd_kd_unit == "element":  # pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries
             l_ob = l_ob * present.shape[0] / present.sum().clamp_min(1)
-        l_kd = logit_kd(s.logits, t.logits, cfg.temperature, cfg.apd_kd_unit)
+        l_kd = logit_kd(s.logits, t.logits, cfg.temperature, cfg.apd_kd_unit, cfg.apd_kd_weight)
         return l_t, l_rec, l_ob, l_kd
 
     def code_terms(self, s, t, full_labels, f_s, f_t, a_s, a_t, counts, labels):
-        """(L_t, L_rec, L_ob, L_kd) as dvlab-research/APD tool/train.py computes them; see the module docstring."""
+        """(L_t, L_rec, L_ob, lambda_kd L_kd) as dvlab-research/APD tool/train.py computes them; see the module
+        docstring."""
         cfg, tau = self.cfg, self.cfg.apd_tau
         b = f_s.shape[0]
         a_s, n = batch_prototypes(a_s, counts)  # [K, d_s], [K]
@@ -172,5 +173,6 @@ class APD(Method):
             l_ob = l_ob / n_present
 
         size = full_labels.shape[-2:]
-        l_kd = logit_kd(upsample(s.logits, size), upsample(t.logits, size), cfg.temperature, cfg.apd_kd_unit)
+        l_kd = logit_kd(upsample(s.logits, size), upsample(t.logits, size), cfg.temperature, cfg.apd_kd_unit,
+                        cfg.apd_kd_weight)
         return l_t, l_rec, l_ob, l_kd

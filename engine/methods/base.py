@@ -169,8 +169,9 @@ class FeatureMethod(Method):
         return fs, ft
 
 
-def logit_kd(s_logits, t_logits, temperature, unit):
-    """The per-pixel KD term of a method, in `unit`:
+def logit_kd(s_logits, t_logits, temperature, unit, weight=1.0):
+    """The per-pixel KD term of a method, in `unit`, times `weight` (the method's lambda_kd, applied inside
+    kernels.pixel_kl so that its backward does not rescale the gradient):
 
         pixel:   T^2 * sum_{b,h,w} KL(softmax(z_t/T) || softmax(z_s/T)) / (B*H*W)      (kernels.pixel_kl)
         element: the same / C, i.e. divided by B*C*H*W
@@ -181,8 +182,8 @@ def logit_kd(s_logits, t_logits, temperature, unit):
     CriterionKD; APD tool/train.py CriterionKD), so their lambda_kd = 10 is C times weaker in `pixel` units
     (11x on CamVid, 19x on Cityscapes, 150x on ADE20K). See bench/results/angular_camvid_cpu.md.
     """
-    kd = kernels.pixel_kl(s_logits, t_logits, temperature)
-    return kd / s_logits.shape[1] if unit == "element" else kd
+    return kernels.pixel_kl(s_logits, t_logits, temperature,
+                            scale=weight / s_logits.shape[1] if unit == "element" else weight)
 
 
 def labels_at(labels, size):

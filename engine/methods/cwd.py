@@ -25,4 +25,4 @@ class CWD(FeatureMethod):
 
     def forward(self, s, t, batch):
         fs, ft = self.pair(s, t)
-        return {"cwd": self.cfg.cwd_weight * kernels.channel_kl(fs, ft, self.cfg.cwd_temperature)}
+        return {"cwd": kernels.channel_kl(fs, ft, self.cfg.cwd_temperature, scale=self.cfg.cwd_weight)}

@@ -65,8 +65,9 @@ class DFSS(Method):
         w = batch.get("weight")
         w = torch.ones(b, device=dev) if w is None else w.to(dev, torch.float32)           # [B]
         # One launch: pixel_kl's per-image weights give sum_b w_b * KL_b, each KL_b a mean over image b's pixels.
-        kd = kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature, weights=wdpd.normalise(w))
-        return {"kd": self.cfg.kd_weight * kd}
+        kd = kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature, weights=wdpd.normalise(w),
+                              scale=self.cfg.kd_weight)  # kd_weight inside the op: no rescaling in the backward
+        return {"kd": kd}
 
     def train_source(self, ctx):
         return PoolSource(ctx)

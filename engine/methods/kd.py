@@ -23,4 +23,4 @@ class KD(Method):
     settings = KDSettings
 
     def forward(self, s, t, batch):
-        return {"kd": self.cfg.kd_weight * kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature)}
+        return {"kd": kernels.pixel_kl(s.logits, t.logits, self.cfg.temperature, scale=self.cfg.kd_weight)}

@@ -44,7 +44,12 @@ def test_phases_are_positive_and_sum_to_the_step(kd):
     names = [r["phase"] for r in phases]
     assert names[:2] == ["teacher forward", "student forward"] and names[-2:] == ["student backward", "optimizer"]
     assert {"loss forward: ce", "loss forward: kd/kd", "loss backward: ce", "loss backward: kd/kd"} <= set(names)
-    assert all(r["launches"] > 0 and r["read"] > 0 and r["written"] > 0 and r["minimum"] > 0 for r in phases)
+    # kd's backward moves only grad_output: pixel_kl's forward wrote the gradient already weighted (scale=kd_weight)
+    # and the backward's grad_output is 1, so scale_grad reads that scalar and leaves the gradient alone
+    kd_backward = phases[names.index("loss backward: kd/kd")]
+    assert kd_backward["launches"] > 0 and (kd_backward["read"], kd_backward["written"]) == (4, 0)
+    assert all(r["launches"] > 0 and r["read"] > 0 and r["written"] > 0 and r["minimum"] > 0 for r in phases
+               if r is not kd_backward)
     assert total["launches"] == sum(r["launches"] for r in phases) == kd.launches
     assert total["read"] + total["written"] == sum(r["read"] + r["written"] for r in phases) == kd.bytes
     assert 0 < total["minimum"] < kd.bytes
@@ -85,9 +90,16 @@ def test_scale_grad_touches_the_gradient_only_when_grad_output_is_not_one(kd, ca
         (e,) = [e for e in count.events if e.kernel == "_scale_grad_kernel"]
         return e
 
-    assert (scale(kd).read, scale(kd).written) == (4, 0)  # kd at weight 1: grad_output is 1, g is left alone
-    e = scale(cad)  # cad's KD term: weight 10 / C
-    assert e.written > 0 and e.read == e.written + 4
+    assert (scale(kd).read, scale(kd).written) == (4, 0)  # kd: grad_output is 1, g is left alone
+    assert (scale(cad).read, scale(cad).written) == (4, 0)  # cad's KD term: weight 10 / C passed as pixel_kl's scale
+    n = 2 * 19 * 5 * 7 * 4  # the fp32 gradient
+
+    def weighted_outside(s, t):  # a weight multiplied onto the loss: the backward rescales the gradient in place
+        (0.5 * kernels.pixel_kl(s, t)).backward()
+
+    events, _ = count_op(weighted_outside, lambda: (torch.randn(SHAPE).requires_grad_(), torch.randn(SHAPE)))
+    (e,) = [e for e in events if e.kernel == "_scale_grad_kernel"]
+    assert (e.read, e.written) == (n + 4, n)
 
 
 def test_every_kernel_pointer_has_a_role():

@@ -44,6 +44,27 @@ def test_extreme_logits_finite(fused, row_tiles, dtype):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and loss.item() > 1e3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_multiplies_loss_and_gradient(fused, row_tiles, dtype):
+    """scale = CWD's weight inside the op: loss and gradient scaled (float64 reference times the scale)."""
+    s, t = randn(2, 5, 9, 13, dtype=dtype, scale=3), randn(2, 5, 9, 13, dtype=dtype, scale=3)
+    compare(lambda s, t: channel_kl(s, t, 4.0, scale=3.0), lambda s, t: 3.0 * channel_kl_reference(s, t, 4.0), [s, t])
+
+
+def test_scale_leaves_grad_output_one_unscaled(fused, monkeypatch):
+    import sys
+
+    module = sys.modules["kernels.channel_kl"]  # the package re-exports the function under the module's name
+    seen, real = [], module.scale_grad
+    monkeypatch.setattr(module, "scale_grad", lambda g, go: seen.append(float(go)) or real(g, go))
+    s, t = randn(2, 19, 4, 6, scale=3).requires_grad_(), randn(2, 19, 4, 6, scale=3)
+    channel_kl(s, t, 4.0, scale=3.0).backward()
+    s64 = s.detach().double().requires_grad_()
+    (3.0 * channel_kl_reference(s64, t.double(), 4.0)).backward()
+    assert seen == [1.0]
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_forward_only(fused):
     s, t = randn(1, 19, 5, 7), randn(1, 19, 5, 7)
     with torch.no_grad():

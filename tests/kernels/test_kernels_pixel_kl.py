@@ -210,6 +210,35 @@ def test_weights_are_the_sum_of_weighted_single_image_calls(fused):
     torch.testing.assert_close(pixel_kl(s, t, 2.0, weights=uniform), pixel_kl(s, t, 2.0), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("with_valid, with_weights", [(False, False), (True, False), (False, True), (True, True)])
+def test_scale_multiplies_loss_and_gradient(fused, with_valid, with_weights):
+    """scale = a method's loss weight inside the op: loss and the gradient written by the forward both scaled, against
+    the reference times the scale (float64), with and without a valid mask and weights; grad_output != 1."""
+    s, t = randn(3, 19, 5, 7, scale=3), randn(3, 19, 5, 7, scale=3)
+    valid = (torch.rand(3, 5, 7, device=DEVICE) > 0.3) if with_valid else None
+    w = weights_for(3) if with_weights else None
+    _, (g,) = compare(lambda s, t: pixel_kl(s, t, 2.0, valid, w, scale=0.3),
+                      lambda s, t: 0.3 * pixel_kl_reference(s, t, 2.0, valid, w if w is None else w.to(s.dtype)),
+                      [s, t])
+    assert torch.isfinite(g).all()
+
+
+def test_scale_leaves_grad_output_one_unscaled(fused, monkeypatch):
+    """With the weight inside the op, a plain backward (grad_output 1) never rescales the gradient."""
+    import sys
+
+    module = sys.modules["kernels.pixel_kl"]  # the package re-exports the function under the module's name
+    seen, real = [], module.scale_grad
+    monkeypatch.setattr(module, "scale_grad", lambda g, go: seen.append(float(go)) or real(g, go))
+    s = randn(2, 19, 4, 6, scale=3).requires_grad_()
+    t = randn(2, 19, 4, 6, scale=3)
+    pixel_kl(s, t, 1.0, scale=10.0).backward()
+    s64 = s.detach().double().requires_grad_()
+    (10.0 * pixel_kl_reference(s64, t.double())).backward()
+    assert seen == [1.0]
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_weights_requiring_grad_take_the_exact_reference(fused):
     s, t, w = randn(2, 19, 3, 5), randn(2, 19, 3, 5), weights_for(2).requires_grad_()
     loss = pixel_kl(s, t, 2.0, weights=w)
