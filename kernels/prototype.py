@@ -23,12 +23,17 @@ on present classes (0 on absent ones), w = g / (tau * nf) and nf = max(||f_s||, 
     dL/dA_hat_s = sum_hw w f_s^T                                  (partial per program, summed over programs)
 
 so backward only scales them by grad_output. Teacher inputs that require grad take the torch reference.
+An optional `scale` (APD's lambda_kd times its element normalisation, a 0-dim tensor computed on the device)
+multiplies L_ob and both gradients inside the kernel, so that with grad_output 1 the backward leaves dL/df_s alone
+instead of reading and writing it again.
 
 dL/dA_hat_s is a sum over all pixels of an image, reduced deterministically in two stages (no atomics, so
 two runs give bitwise-equal gradients): each program owns a fixed run of pixel blocks and accumulates its
 [K, D] partial in place in its own slice of a workspace [B, n_split, K, D] fp32 (plain loads and stores, one
 writer per slice), then torch sums the split axis. n_split bounds the workspace (`_ga_splits`).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -58,13 +63,15 @@ def _logits(feat, protos, present, tau):
     return logits.reshape(b, -1, h, w)
 
 
-def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau):
-    """L_ob: pixel-mean KL(p_a,t || p_a,s). Float32 scalar. The caller detaches the teacher side."""
+def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):
+    """L_ob (times `scale`, a float or 0-dim tensor, when given): pixel-mean KL(p_a,t || p_a,s). Float32 scalar.
+    The caller detaches the teacher side."""
     from kernels.pixel_kl import pixel_kl_reference
 
     logits_s = _logits(feat_s, protos_s, present, tau)
     logits_t = _logits(feat_t, protos_t, present, tau)
-    return pixel_kl_reference(logits_s, logits_t, 1.0)
+    loss = pixel_kl_reference(logits_s, logits_t, 1.0)
+    return loss if scale is None else (loss * scale).float()
 
 
 @triton.jit
@@ -77,6 +84,7 @@ def _prototype_kl_fwd_kernel(
     kl_ptr,  # [B, n_split] fp32 out: sum of the per-pixel KL over each program's pixel blocks
     gf_ptr,  # [B, D, HW] out (student dtype, strides gf_s*): dL/df_s for grad_output = 1 (written when WRITE_GF)
     ga_ptr,  # [B, n_split, K, D] fp32 in place: a program's partial dL/dA_hat_s, set by its first block, when WRITE_GA
+    scale_ptr,  # [] fp32: the loss's scale (read when HAS_SCALE)
     D,
     HW,
     K,
@@ -88,6 +96,7 @@ def _prototype_kl_fwd_kernel(
     gf_sb, gf_sd, gf_sp,
     WRITE_GF: tl.constexpr,
     WRITE_GA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     K_PAD: tl.constexpr,
     D_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
@@ -98,6 +107,8 @@ def _prototype_kl_fwd_kernel(
     k = tl.arange(0, K_PAD)  # [K_PAD]
     in_k = k < K
     pres = (tl.load(present_ptr + b * K + k, mask=in_k, other=0) != 0) & in_k
+    if HAS_SCALE:
+        inv_n = inv_n * tl.load(scale_ptr)  # the gradients' factor; the loss is scaled by the launcher
     d_idx = tl.arange(0, D_BLOCK)
     a_base = b * K * D
     ws_base = (b * tl.num_programs(0) + split) * K * D  # this program's [K, D] slice of the workspace
@@ -186,8 +197,9 @@ def _ga_splits(b, k, d, n_blk):
     return max(1, min(n_blk, triton.cdiv(GA_PROGRAMS, b), GA_WORKSPACE_BYTES // (b * k * d * 4)))
 
 
-def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
-    """Returns (L_ob [] fp32, dL/df_s [B, D, H, W] or [0], dL/dA_hat_s [B, K, D] fp32 or [0])."""
+def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None):
+    """Returns (L_ob [] fp32, dL/df_s [B, D, H, W] or [0], dL/dA_hat_s [B, K, D] fp32 or [0]), all times `scale`
+    (a 0-dim tensor, read on the device) when given."""
     fs, fs_strides = strided_bchw(feat_s)  # no copy for NCHW or channels-last
     ft, ft_strides = strided_bchw(feat_t)
     a_s = ahat_s.float().contiguous()
@@ -209,23 +221,26 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
     gf = empty_like(feat_s) if write_gf else fs.new_empty(0)  # the student's memory format
     gf_strides = strided_bchw(gf)[1] if write_gf else fs_strides
     ws = empty((b, n_split, k, d), torch.float32, fs.device) if write_ga else a_s.new_empty(0)
+    sc = kl if scale is None else scale.to(torch.float32).reshape(())  # never read without a scale
     _prototype_kl_fwd_kernel[(n_split, b)](
-        fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ws if write_ga else a_s, d, hw, k, 1.0 / float(tau),
+        fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ws if write_ga else a_s, sc, d, hw, k, 1.0 / float(tau),
         1.0 / (b * hw), per, *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga,
-        K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
+        HAS_SCALE=scale is not None, K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION,
+        num_warps=8)
     ga = ws.sum(1) if write_ga else ws  # [B, K, D]: a fixed-order reduction, deterministic
-    return kl.sum() / (b * hw), gf, ga
+    loss = kl.sum() / (b * hw)
+    return (loss if scale is None else loss * sc), gf, ga
 
 
 @torch.library.custom_op("segkd::prototype_kl", mutates_args=())
 def _prototype_kl_op(feat_s: torch.Tensor, feat_t: torch.Tensor, ahat_s: torch.Tensor, ahat_t: torch.Tensor,
-                     present: torch.Tensor, tau: float, write_gf: bool,
-                     write_ga: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga)
+                     present: torch.Tensor, tau: float, write_gf: bool, write_ga: bool,
+                     scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale)
 
 
 @_prototype_kl_op.register_fake
-def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga):
+def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None):
     gf = empty_like(feat_s, poison=False) if write_gf else feat_s.new_empty(0)  # as the launcher
     ga = ahat_s.new_empty(ahat_s.shape, dtype=torch.float32) if write_ga else ahat_s.new_empty(0, dtype=torch.float32)
     return feat_s.new_empty((), dtype=torch.float32), gf, ga
@@ -244,7 +259,7 @@ def _backward(ctx, grad_loss, _grad_gf, _grad_ga):
     if ctx.write_gf:
         scale_grad_(gf, grad_loss)
     return (gf if ctx.write_gf else None, None, ga * grad_loss if ctx.write_ga else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _prototype_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,11 +274,13 @@ def prototype_logits(feat, protos, present, tau):
     return prototype_logits_reference(feat, protos, present, tau)
 
 
-def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau):
-    """APD observation loss L_ob; see the module docstring.
+def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):
+    """APD observation loss L_ob; see the module docstring. scale: an optional constant factor (a float or a 0-dim
+    tensor without gradient, e.g. a loss weight times a normalisation computed on the device), applied inside the
+    kernel so that the backward need not rescale dL/df_s.
 
-    Fused kernel when `kernels._dispatch.use_triton` says so. If the teacher features or prototypes
-    require grad (the caller normally detaches them), the exact torch reference runs instead.
+    Fused kernel when `kernels._dispatch.use_triton` says so. If the teacher features or prototypes (or the
+    scale) require grad (the caller normally detaches them), the exact torch reference runs instead.
     """
     if feat_s.dim() != 4 or feat_s.shape != feat_t.shape:
         raise ValueError(f"prototype_kl: feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} must both "
@@ -275,9 +292,14 @@ def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau):
     if present.shape != protos_s.shape[:2] or present.dtype != torch.bool:
         raise ValueError(f"prototype_kl: present must be a bool [B, K] mask, got {present.dtype} "
                          f"{tuple(present.shape)}")
-    if not use_triton(feat_s, feat_t, protos_s, protos_t) or needs_grad(feat_t, protos_t):
-        return prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau)
+    if scale is not None and not torch.is_tensor(scale):
+        scale = torch.full((), float(scale), dtype=torch.float32, device=feat_s.device)
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"prototype_kl: scale must be a number or a one-element tensor, got {tuple(scale.shape)}")
+    fixed = (feat_t, protos_t) if scale is None else (feat_t, protos_t, scale)
+    if not use_triton(feat_s, feat_t, protos_s, protos_t) or needs_grad(*fixed):
+        return prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau, scale)
     ahat_s = F.normalize(protos_s.float(), dim=2, eps=EPS)  # [B, K, D]; torch autograd covers the normalisation
     ahat_t = F.normalize(protos_t.float(), dim=2, eps=EPS)
     return _prototype_kl_op(feat_s, feat_t, ahat_s, ahat_t, present, float(tau), needs_grad(feat_s),
-                            needs_grad(protos_s))[0]
+                            needs_grad(protos_s), None if scale is None else scale.reshape(()))[0]

@@ -131,27 +131,29 @@ class APD(Method):
         l_t, l_rec, l_ob, l_kd = terms(s, t, batch["label"], f_s, f_t, a_s, a_t, counts, labels)
         return {
             "kd": l_kd,  # lambda_kd applied inside pixel_kl
-            "ob": cfg.apd_kd_weight * l_ob,
+            "ob": l_ob,  # lambda_kd applied inside prototype_kl
             "rec": cfg.apd_rec_weight * l_rec,
             "teacher_proj": l_t,
         }
 
     def paper_terms(self, s, t, full_labels, f_s, f_t, a_s, a_t, counts, labels):
-        """(L_t, L_rec, L_ob, lambda_kd L_kd) with per-image prototypes; see the module docstring."""
+        """(L_t, L_rec, lambda_kd L_ob, lambda_kd L_kd) with per-image prototypes; see the module docstring."""
         cfg, tau = self.cfg, self.cfg.apd_tau
         present = counts > 0  # [B, K]
         l_t = segmentation_ce(kernels.prototype_logits(f_t, a_t, present, tau), labels, self.ignore_index)
         cos = F.cosine_similarity(a_s, a_t.detach(), dim=2, eps=1e-6)  # [B, K]
         l_rec = 1 - (cos * present).sum() / present.sum().clamp_min(1)
-        l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s, a_t.detach(), present, tau)
-        if cfg.apd_kd_unit == "element":  # pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries
-            l_ob = l_ob * present.shape[0] / present.sum().clamp_min(1)
+        # element unit: pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries; the factor and lambda_kd are
+        # applied inside the op (a device tensor: no host sync), so its backward does not rescale dL/df_s
+        scale = cfg.apd_kd_weight * (present.shape[0] / present.sum().clamp_min(1)) \
+            if cfg.apd_kd_unit == "element" else cfg.apd_kd_weight
+        l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s, a_t.detach(), present, tau, scale=scale)
         l_kd = logit_kd(s.logits, t.logits, cfg.temperature, cfg.apd_kd_unit, cfg.apd_kd_weight)
         return l_t, l_rec, l_ob, l_kd
 
     def code_terms(self, s, t, full_labels, f_s, f_t, a_s, a_t, counts, labels):
-        """(L_t, L_rec, L_ob, lambda_kd L_kd) as dvlab-research/APD tool/train.py computes them; see the module
-        docstring."""
+        """(L_t, L_rec, lambda_kd L_ob, lambda_kd L_kd) as dvlab-research/APD tool/train.py computes them; see the
+        module docstring."""
         cfg, tau = self.cfg, self.cfg.apd_tau
         b = f_s.shape[0]
         a_s, n = batch_prototypes(a_s, counts)  # [K, d_s], [K]
@@ -168,9 +170,9 @@ class APD(Method):
         cos = F.cosine_similarity(a_s, a_t.detach(), dim=1, eps=1e-6)  # [K]
         l_rec = 0.5 * ((1 - cos) * present).sum() / n_present
 
-        l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s_b, a_t_b.detach(), present_b, tau)  # / (B*h*w)
-        if cfg.apd_kd_unit == "element":
-            l_ob = l_ob / n_present
+        # / (B*h*w), and / N in the element unit; lambda_kd and that factor applied inside the op
+        scale = cfg.apd_kd_weight / n_present if cfg.apd_kd_unit == "element" else cfg.apd_kd_weight
+        l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s_b, a_t_b.detach(), present_b, tau, scale=scale)
 
         size = full_labels.shape[-2:]
         l_kd = logit_kd(upsample(s.logits, size), upsample(t.logits, size), cfg.temperature, cfg.apd_kd_unit,

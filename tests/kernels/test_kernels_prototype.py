@@ -57,6 +57,32 @@ def test_teacher_requiring_grad_takes_the_exact_reference(fused):
             [randn(1, 24, 3, 5), randn(1, 24, 3, 5), randn(1, 19, 24), randn(1, 19, 24)], grad_idx=(0, 1, 2, 3))
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_scale_multiplies_loss_and_both_gradients(fused, as_tensor):
+    """scale = APD's lambda_kd times its element normalisation, inside the op: L_ob, dL/df_s and dL/dA_s scaled."""
+    present = present_mask(2, 19)
+    factor = torch.tensor(2.5, device=DEVICE) if as_tensor else 2.5
+    compare(lambda fs, ft, ps, pt: prototype_kl(fs, ft, ps, pt, present, 0.1, scale=factor),
+            lambda fs, ft, ps, pt: 2.5 * prototype_kl_reference(fs, ft, ps, pt, present, 0.1),
+            [randn(2, 24, 3, 5), randn(2, 24, 3, 5), randn(2, 19, 24), randn(2, 19, 24)], grad_idx=(0, 2))
+
+
+def test_scale_leaves_grad_output_one_unscaled(fused, monkeypatch):
+    import sys
+
+    module = sys.modules["kernels.prototype"]
+    seen, real = [], module.scale_grad_
+    monkeypatch.setattr(module, "scale_grad_", lambda g, go: seen.append(float(go)) or real(g, go))
+    present = present_mask(2, 19)
+    fs = randn(2, 24, 3, 5).requires_grad_()
+    ft, ps, pt = randn(2, 24, 3, 5), randn(2, 19, 24), randn(2, 19, 24)
+    prototype_kl(fs, ft, ps, pt, present, 0.1, scale=torch.tensor(3.0, device=DEVICE)).backward()
+    fs64 = fs.detach().double().requires_grad_()
+    (3.0 * prototype_kl_reference(fs64, ft.double(), ps.double(), pt.double(), present, 0.1)).backward()
+    assert seen == [1.0]
+    torch.testing.assert_close(fs.grad.double(), fs64.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_bad_present_mask_is_named():
     with pytest.raises(ValueError, match="present"):
         prototype_kl(randn(1, 8, 3, 3), randn(1, 8, 3, 3), randn(1, 19, 8), randn(1, 19, 8),
