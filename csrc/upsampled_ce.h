@@ -57,12 +57,40 @@ struct CeGeometry {
   float inv_h, inv_w;      // H / h, W / w
 };
 
-// The geometry of logits [B, K, h, w] (strides xs) upsampled to labels [B, H, W], gradient strides gs.
-inline CeGeometry ce_geometry(int64_t K, int64_t h, int64_t w, int64_t H, int64_t W, int64_t ignore_index,
-                              const Bchw& xs, const Bchw& gs) {
-  return {K, h, w, H, W, ignore_index, xs.b, xs.c, xs.p, gs.b, gs.c, gs.p,
+// The geometry of logits x [B, K, h, w] upsampled to labels y [B, H, W], the gradient's strides gs.
+inline CeGeometry ce_geometry(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, const Bchw& gs) {
+  const int64_t h = x.size(2), w = x.size(3), H = y.size(1), W = y.size(2);
+  const Bchw xs = bchw_strides(x);
+  return {x.size(1), h, w, H, W, ignore_index, xs.b, xs.c, xs.p, gs.b, gs.c, gs.p,
           static_cast<float>(static_cast<double>(h) / H), static_cast<float>(static_cast<double>(w) / W),
           static_cast<float>(static_cast<double>(H) / h), static_cast<float>(static_cast<double>(W) / w)};
+}
+
+// The arguments of both implementations (shapes, dtypes, devices), checked in one place.
+inline void ce_check(const at::Tensor& x, const at::Tensor& y, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && y.dim() == 3 && y.size(0) == x.size(0), name,
+              ": logits must be [B, K, h, w] and labels [B, H, W]");
+  TORCH_CHECK(y.is_contiguous() && y.device() == x.device(), name,
+              ": labels must be contiguous, on the logits' device");
+}
+
+inline void ce_check_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& loss,
+                             const at::Tensor& count, int64_t block) {
+  ce_check(x, y, "segkd_cpp::upsampled_ce");
+  const int64_t nblk = (y.size(1) * y.size(2) + block - 1) / block;
+  TORCH_CHECK(loss.numel() == x.size(0) * nblk && count.numel() == loss.numel() && loss.is_contiguous() &&
+                  count.is_contiguous() && loss.scalar_type() == at::kFloat && count.scalar_type() == at::kFloat &&
+                  loss.device() == x.device() && count.device() == x.device(),
+              "segkd_cpp::upsampled_ce: loss and count must be dense fp32 [B, ceil(H*W / block)] on the logits' "
+              "device");
+}
+
+inline void ce_check_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& g) {
+  ce_check(x, y, "segkd_cpp::upsampled_ce_backward");
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat &&
+                  g.device() == x.device() && scale.device() == x.device(),
+              "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype, and scale fp32, "
+              "both on the logits' device");
 }
 
 // A tile's working memory: a CUDA block's shared memory, a CPU task's buffer (44.2 KB). Per-pixel arrays are

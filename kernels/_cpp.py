@@ -82,6 +82,11 @@ def build(verbose=False):
     return torch.ops.segkd_cpp
 
 
+def labels(y):
+    """Labels as the C++ kernels take them: int64, int32 or uint8 (another integer dtype is converted)."""
+    return y if y.dtype in (torch.int64, torch.int32, torch.uint8) else y.long()
+
+
 def supports(*tensors):
     """Whether the built library has kernels for these tensors' devices (CPU always; CUDA if built with nvcc).
     Warns once when CUDA tensors meet a library built without its CUDA kernels."""

@@ -148,7 +148,7 @@ def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
     k = int(num_classes)
     weighted = a is not None
     if _use_cpp(f, k):  # the C++ kernels (csrc/): per (image, split, channel) K bins, no atomics
-        y = _cpp_labels(y)
+        y = _cpp.labels(y)
         n_splits = max(1, min(-(-CPP_THREADS // (b * c)), -(-hw // 64))) if f.is_cuda else 1
         sums = empty((b, n_splits, k, c), torch.float32, f.device)
         counts = empty((b, n_splits, k), torch.float32, f.device)
@@ -207,7 +207,7 @@ def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype
     gp = (grad_protos.float() / counts.clamp_min(1)[..., None]).contiguous()  # [B, K, C]
     g = empty(feat_shape, feat_dtype, y.device, _memory_format(channels_last))
     if use_cpp("masked_avg_pool", y):
-        _cpp.ops().class_gather(_cpp_labels(y), gp, int(ignore_index), g)
+        _cpp.ops().class_gather(_cpp.labels(y), gp, int(ignore_index), g)
         return g
     c_block, hw_block = min(32, next_pow2(c)), 128
     _masked_avg_pool_bwd_kernel[(triton.cdiv(hw, hw_block), triton.cdiv(c, c_block), b)](
@@ -274,11 +274,6 @@ def _backward(ctx, grad_protos, _grad_counts):
 
 _masked_avg_pool_op.register_autograd(_backward, setup_context=_setup_context)
 _MaskedAvgPoolEager = eager_function(masked_avg_pool_forward, _setup_context, _backward)  # see eager_cpp
-
-
-def _cpp_labels(y):
-    """Labels as the C++ kernels take them: int64, int32 or uint8 (another integer dtype is converted)."""
-    return y if y.dtype in (torch.int64, torch.int32, torch.uint8) else y.long()
 
 
 def _use_cpp(feat, num_classes):

@@ -270,25 +270,24 @@ def pairwise_similarity_forward(s, t):
 def _fused_grad(x1, s1, r1, live1, g1, x2, s2, r2, g2, scale):
     """dL/dx1 for dF = G1 F1 - G2 F2 (g1, g2 [B, C1, C1], [B, C1, C2] views with any strides)."""
     b, c1, c2, n = x1.shape[0], x1.shape[1], x2.shape[1], r1.shape[1]
-    if use_cpp("pairwise_similarity_loss", x1):  # the C++ kernels: 64-row blocks of dF
-        df = empty((b, c1, n), torch.float32, x1.device)
-        proj = empty((b, -(-c1 // CPP_BLOCK_M), n), torch.float32, x1.device)
-        _cpp.ops().gram_apply(g1, x1, r1, g2, x2, r2, df, proj)
-        proj = torch.where(live1, proj.sum(dim=1), 0.0)
-        dx = empty_like(x1)
-        _cpp.ops().unnormalise(x1, r1, df, proj, scale, dx)
-        return dx
+    cpp = use_cpp("pairwise_similarity_loss", x1)  # the C++ kernels in place of the Triton launches
     bm, bn, bc = APPLY_BLOCKS
-    n_mblocks = triton.cdiv(c1, bm)
+    n_mblocks = -(-c1 // (CPP_BLOCK_M if cpp else bm))  # not triton.cdiv: the C++ path runs without triton
     df = empty((b, c1, n), torch.float32, x1.device)
     proj = empty((b, n_mblocks, n), torch.float32, x1.device)
-    _gram_apply_kernel[(b, n_mblocks, triton.cdiv(n, bn))](
-        g1, x1, r1, g2, x2, r2, df, proj, c1, c1, c2, n, *g1.stride(), *s1, *g2.stride(), *s2,
-        BM=bm, BN=bn, BC=bc, PRECISION=PRECISION, num_warps=8)
+    if cpp:
+        _cpp.ops().gram_apply(g1, x1, r1, g2, x2, r2, df, proj)
+    else:
+        _gram_apply_kernel[(b, n_mblocks, triton.cdiv(n, bn))](
+            g1, x1, r1, g2, x2, r2, df, proj, c1, c1, c2, n, *g1.stride(), *s1, *g2.stride(), *s2,
+            BM=bm, BN=bn, BC=bc, PRECISION=PRECISION, num_warps=8)
     proj = torch.where(live1, proj.sum(dim=1), 0.0)  # fixed order over the row blocks: deterministic
     dx = empty_like(x1)  # x1's layout when dense; NCHW for a non-dense view (its own strides, not x1's)
-    _unnormalise_kernel[(b, triton.cdiv(c1, bm), triton.cdiv(n, bn))](
-        x1, r1, df, proj, scale, dx, c1, n, *s1, *strided_bchw(dx)[1], BC=bm, BN=bn, num_warps=4)
+    if cpp:
+        _cpp.ops().unnormalise(x1, r1, df, proj, scale, dx)
+    else:
+        _unnormalise_kernel[(b, triton.cdiv(c1, bm), triton.cdiv(n, bn))](
+            x1, r1, df, proj, scale, dx, c1, n, *s1, *strided_bchw(dx)[1], BC=bm, BN=bn, num_warps=4)
     return dx
 
 

@@ -240,11 +240,6 @@ CPP_BLOCK = 256  # output pixels per forward block of the C++ kernels (a CUDA bl
 # are fixed in csrc/upsampled_ce.h
 
 
-def _cpp_labels(y):
-    """Labels as the C++ kernels take them: int64, int32 or uint8 (another integer dtype is converted)."""
-    return y if y.dtype in (torch.int64, torch.int32, torch.uint8) else y.long()
-
-
 def _geometry(logits, labels):
     x, strides = strided_bchw(logits)  # no copy for NCHW or channels-last
     b, k, h, w = x.shape
@@ -256,21 +251,18 @@ def upsampled_cross_entropy_forward(logits, labels, ignore_index):
     """Launch the forward kernel. Returns (loss [] fp32, |V| [] fp32), both on the device."""
     x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
     y = labels.contiguous()
-    if use_cpp("upsampled_cross_entropy", x):  # the C++ kernel (csrc/) in place of the Triton launch, same partials
-        n_blk = -(-hh * ww // CPP_BLOCK)
-        loss = empty((b, n_blk), torch.float32, x.device)
-        count = empty((b, n_blk), torch.float32, x.device)
-        _cpp.ops().upsampled_ce(x, _cpp_labels(y), int(ignore_index), loss, count, CPP_BLOCK)
-        n_valid = count.sum()
-        return loss.sum() / n_valid.clamp_min(1.0), n_valid
+    cpp = use_cpp("upsampled_cross_entropy", x)  # the C++ kernel (csrc/) in place of the Triton launch
     k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
-    p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
-    n_blk = triton.cdiv(hh * ww, p_block)
-    loss = empty((b, n_blk), torch.float32, x.device)
+    p_block = CPP_BLOCK if cpp else min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
+    n_blk = -(-hh * ww // p_block)  # not triton.cdiv: the C++ path runs without triton
+    loss = empty((b, n_blk), torch.float32, x.device)  # per-block partials, the same on both paths
     count = empty((b, n_blk), torch.float32, x.device)
-    _upsampled_ce_fwd_kernel[(n_blk, b)](
-        x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, h / hh, w / ww,
-        K_BLOCK=k_block, P_BLOCK=p_block, num_warps=8 if k_block * p_block >= 2048 else 4)
+    if cpp:
+        _cpp.ops().upsampled_ce(x, _cpp.labels(y), int(ignore_index), loss, count, CPP_BLOCK)
+    else:
+        _upsampled_ce_fwd_kernel[(n_blk, b)](
+            x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, h / hh, w / ww,
+            K_BLOCK=k_block, P_BLOCK=p_block, num_warps=8 if k_block * p_block >= 2048 else 4)
     n_valid = count.sum()  # fixed-order sums of the partials: deterministic
     return loss.sum() / n_valid.clamp_min(1.0), n_valid
 
@@ -285,7 +277,7 @@ def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_
     scale = (grad_loss.float() / n_valid.clamp_min(1.0)).reshape(())
     g = empty_like(logits)  # the logits' memory format
     if use_cpp("upsampled_cross_entropy", x):
-        _cpp.ops().upsampled_ce_backward(x, _cpp_labels(y), scale, int(ignore_index), g)
+        _cpp.ops().upsampled_ce_backward(x, _cpp.labels(y), scale, int(ignore_index), g)
         return g
     n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
     _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](

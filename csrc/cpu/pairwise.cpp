@@ -16,13 +16,14 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../pairwise.h"
 #include "../segkd_math.h"
 #include "convert.h"
 
 namespace segkd {
 namespace {
 
-constexpr int64_t kB = 64;    // rows and columns of an output tile (csrc/cuda/pairwise.cu's too)
+constexpr int64_t kB = kPairTile;  // rows and columns of an output tile
 constexpr int64_t kNC = 256;  // channels per packed Gram panel of gram_apply
 constexpr int64_t kMR = 4;    // rows of the tile per rank update (kMR x kB accumulators in registers)
 
@@ -83,12 +84,6 @@ void pack_gram(const at::Tensor& G, float sign, int64_t b, int64_t m0, int64_t c
     for (int64_t k = 0; k < kc; ++k) P[k * kB + i] = sign * g[(m0 + i) * G.stride(1) + (c0 + k) * G.stride(2)];
 }
 
-void check_features(const at::Tensor& x, const at::Tensor& r, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == x.size(2) * x.size(3) &&
-                  r.is_contiguous() && r.scalar_type() == at::kFloat,
-              name, ": features must be [B, C, h, w] with inverse norms dense fp32 [B, h*w]");
-}
-
 bool same_features(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry) {
   return x.is_same(y) && rx.is_same(ry);
 }
@@ -96,15 +91,13 @@ bool same_features(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& 
 }  // namespace
 
 void gram_cpu(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry, at::Tensor& g) {
-  check_features(x, rx, "segkd_cpp::gram");
-  check_features(y, ry, "segkd_cpp::gram");
+  check_gram(x, rx, y, ry, g);
   const int64_t B = x.size(0), M = x.size(1), P = y.size(1), N = rx.size(1);
-  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B * M * P,
-              "segkd_cpp::gram: g must be dense fp32 [B, M, P]");
   std::vector<float> xpk, ypk;
   packed(x, rx, true, xpk);  // [B, N, Mp]
-  if (!same_features(x, rx, y, ry)) packed(y, ry, true, ypk);
-  const std::vector<float>& yp = same_features(x, rx, y, ry) ? xpk : ypk;
+  const bool same = same_features(x, rx, y, ry);  // G_ss, G_tt: one packed copy serves both operands
+  if (!same) packed(y, ry, true, ypk);
+  const std::vector<float>& yp = same ? xpk : ypk;
   const int64_t Mp = padded(M), Pp = padded(P), nm = Mp / kB, np = Pp / kB;
   float* gp = g.data_ptr<float>();
   at::parallel_for(0, B * nm * np, 1, [&](int64_t begin, int64_t end) {
@@ -121,15 +114,8 @@ void gram_cpu(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, co
 
 void gram_apply_cpu(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor& r1, const at::Tensor& g2,
                     const at::Tensor& x2, const at::Tensor& r2, at::Tensor& df, at::Tensor& proj) {
-  check_features(x1, r1, "segkd_cpp::gram_apply");
-  check_features(x2, r2, "segkd_cpp::gram_apply");
+  check_gram_apply(g1, x1, r1, g2, x2, r2, df, proj);
   const int64_t B = x1.size(0), C1 = x1.size(1), C2 = x2.size(1), N = r1.size(1), nm = (C1 + kB - 1) / kB;
-  TORCH_CHECK(g1.dim() == 3 && g1.size(1) == C1 && g1.size(2) == C1 && g2.dim() == 3 && g2.size(1) == C1 &&
-                  g2.size(2) == C2 && g1.scalar_type() == at::kFloat && g2.scalar_type() == at::kFloat,
-              "segkd_cpp::gram_apply: g1 must be fp32 [B, C1, C1] and g2 fp32 [B, C1, C2]");
-  TORCH_CHECK(df.is_contiguous() && df.numel() == B * C1 * N && proj.is_contiguous() && proj.numel() == B * nm * N &&
-                  df.scalar_type() == at::kFloat && proj.scalar_type() == at::kFloat,
-              "segkd_cpp::gram_apply: df must be dense fp32 [B, C1, N] and proj [B, ceil(C1 / 64), N]");
   std::vector<float> f1, f2;
   packed(x1, r1, false, f1);  // [B, C1, Np]
   packed(x2, r2, false, f2);  // [B, C2, Np]
@@ -167,12 +153,9 @@ void gram_apply_cpu(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor
 
 void unnormalise_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& df, const at::Tensor& proj,
                      const at::Tensor& scale, at::Tensor& dx) {
-  check_features(x, r, "segkd_cpp::unnormalise");
+  check_unnormalise(x, r, df, proj, scale, dx);
   const int64_t B = x.size(0), C = x.size(1), N = r.size(1);
-  TORCH_CHECK(df.is_contiguous() && df.numel() == B * C * N && proj.is_contiguous() && proj.numel() == B * N &&
-                  dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(),
-              "segkd_cpp::unnormalise: df [B, C, N] and proj [B, N] dense fp32, dx shaped like x in its dtype");
-  const float s = scale.to(at::kFloat).item<float>();  // CPU memory: no device sync
+  const float s = scale.item<float>();  // CPU memory: no device sync
   const Bchw xs = bchw_strides(x), ds = bchw_strides(dx);
   const float *rp = r.data_ptr<float>(), *dfp = df.data_ptr<float>(), *pp = proj.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_unnormalise_cpu", [&] {

@@ -20,16 +20,6 @@ namespace {
 
 constexpr int64_t kTile = 64;
 
-CeGeometry geometry(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, const Bchw& gs) {
-  return ce_geometry(x.size(1), x.size(2), x.size(3), y.size(1), y.size(2), ignore_index, bchw_strides(x), gs);
-}
-
-void check(const at::Tensor& x, const at::Tensor& y, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && y.dim() == 3 && y.size(0) == x.size(0), name,
-              ": logits must be [B, K, h, w] and labels [B, H, W]");
-  TORCH_CHECK(y.is_contiguous(), name, ": labels must be contiguous");
-}
-
 template <typename scalar_t, typename label_t>
 void forward_blocks(const at::Tensor& x, const at::Tensor& y, const CeGeometry& G, float* loss, float* count,
                     int64_t block) {
@@ -106,13 +96,8 @@ void backward_tiles(const at::Tensor& x, const at::Tensor& y, float g_scale, at:
 
 void upsampled_ce_cpu(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, at::Tensor& loss,
                       at::Tensor& count, int64_t block) {
-  check(x, y, "segkd_cpp::upsampled_ce");
-  const int64_t nblk = (y.size(1) * y.size(2) + block - 1) / block;
-  TORCH_CHECK(loss.is_contiguous() && count.is_contiguous() && loss.scalar_type() == at::kFloat &&
-                  count.scalar_type() == at::kFloat && loss.numel() == x.size(0) * nblk &&
-                  count.numel() == loss.numel(),
-              "segkd_cpp::upsampled_ce: loss and count must be dense fp32 [B, ceil(H*W / block)]");
-  const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(x));
+  ce_check_forward(x, y, loss, count, block);
+  const CeGeometry G = ce_geometry(x, y, ignore_index, bchw_strides(x));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_upsampled_ce_cpu", [&] {
     using logit_t = scalar_t;
     SEGKD_DISPATCH_LABELS(y.scalar_type(), "segkd_upsampled_ce_cpu_labels", [&] {
@@ -123,11 +108,9 @@ void upsampled_ce_cpu(const at::Tensor& x, const at::Tensor& y, int64_t ignore_i
 
 void upsampled_ce_backward_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                                int64_t ignore_index, at::Tensor& g) {
-  check(x, y, "segkd_cpp::upsampled_ce_backward");
-  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
-              "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype");
-  const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(g));
-  const float g_scale = scale.to(at::kFloat).item<float>();  // CPU memory: no device sync
+  ce_check_backward(x, y, scale, g);
+  const CeGeometry G = ce_geometry(x, y, ignore_index, bchw_strides(g));
+  const float g_scale = scale.item<float>();  // CPU memory: no device sync
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_upsampled_ce_backward_cpu", [&] {
     using logit_t = scalar_t;
     SEGKD_DISPATCH_LABELS(y.scalar_type(), "segkd_upsampled_ce_backward_cpu_labels", [&] {

@@ -11,12 +11,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../ops.h"
+#include "../pairwise.h"
 #include "block_reduce.cuh"
 
 namespace segkd {
 namespace {
 
-constexpr int kB = 64;  // output tile (csrc/cpu/pairwise.cpp's too)
+constexpr int kB = kPairTile;  // output tile
 constexpr int kK = 16;  // reduction steps per shared panel
 constexpr int kThreads = 256;
 
@@ -142,10 +143,8 @@ __global__ void unnormalise_kernel(const scalar_t* __restrict__ x, const float* 
   }
 }
 
-void check_features(const at::Tensor& x, const at::Tensor& r, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == x.size(2) * x.size(3) &&
-                  r.is_contiguous() && r.scalar_type() == at::kFloat && r.device() == x.device(),
-              name, ": features must be [B, C, h, w] with inverse norms dense fp32 [B, h*w] on their device");
+// the grid's limits (images on grid.z, 64-channel blocks on grid.y)
+void check_grid(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.size(0) <= 65535 && (x.size(1) + kB - 1) / kB <= 65535, name, ": at most 65535 images and ",
               65535 * kB, " channels");
 }
@@ -156,12 +155,10 @@ void check_features(const at::Tensor& x, const at::Tensor& r, const char* name) 
 }  // namespace
 
 void gram_cuda(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, const at::Tensor& ry, at::Tensor& g) {
-  check_features(x, rx, "segkd_cpp::gram");
-  check_features(y, ry, "segkd_cpp::gram");
+  check_gram(x, rx, y, ry, g);
+  check_grid(x, "segkd_cpp::gram");
+  check_grid(y, "segkd_cpp::gram");
   const int64_t B = x.size(0), M = x.size(1), P = y.size(1), N = rx.size(1);
-  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B * M * P && g.device() == x.device()
-                  && y.device() == x.device(),
-              "segkd_cpp::gram: g must be dense fp32 [B, M, P], on the features' device");
   if (g.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const dim3 grid(static_cast<unsigned>((P + kB - 1) / kB), static_cast<unsigned>((M + kB - 1) / kB),
@@ -179,18 +176,10 @@ void gram_cuda(const at::Tensor& x, const at::Tensor& rx, const at::Tensor& y, c
 
 void gram_apply_cuda(const at::Tensor& g1, const at::Tensor& x1, const at::Tensor& r1, const at::Tensor& g2,
                      const at::Tensor& x2, const at::Tensor& r2, at::Tensor& df, at::Tensor& proj) {
-  check_features(x1, r1, "segkd_cpp::gram_apply");
-  check_features(x2, r2, "segkd_cpp::gram_apply");
+  check_gram_apply(g1, x1, r1, g2, x2, r2, df, proj);
+  check_grid(x1, "segkd_cpp::gram_apply");
+  check_grid(x2, "segkd_cpp::gram_apply");
   const int64_t B = x1.size(0), C1 = x1.size(1), C2 = x2.size(1), N = r1.size(1), nm = (C1 + kB - 1) / kB;
-  TORCH_CHECK(g1.dim() == 3 && g1.size(1) == C1 && g1.size(2) == C1 && g2.dim() == 3 && g2.size(1) == C1 &&
-                  g2.size(2) == C2 && g1.scalar_type() == at::kFloat && g2.scalar_type() == at::kFloat,
-              "segkd_cpp::gram_apply: g1 must be fp32 [B, C1, C1] and g2 fp32 [B, C1, C2]");
-  TORCH_CHECK(g1.device() == x1.device() && g2.device() == x1.device() && x2.device() == x1.device() &&
-                  df.device() == x1.device() && proj.device() == x1.device(),
-              "segkd_cpp::gram_apply: every tensor must be on the features' device");
-  TORCH_CHECK(df.is_contiguous() && df.numel() == B * C1 * N && proj.is_contiguous() && proj.numel() == B * nm * N &&
-                  df.scalar_type() == at::kFloat && proj.scalar_type() == at::kFloat,
-              "segkd_cpp::gram_apply: df must be dense fp32 [B, C1, N] and proj [B, ceil(C1 / 64), N]");
   if (df.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x1.device());
   const dim3 grid(static_cast<unsigned>((N + kB - 1) / kB), static_cast<unsigned>(nm), static_cast<unsigned>(B));
@@ -209,13 +198,9 @@ void gram_apply_cuda(const at::Tensor& g1, const at::Tensor& x1, const at::Tenso
 
 void unnormalise_cuda(const at::Tensor& x, const at::Tensor& r, const at::Tensor& df, const at::Tensor& proj,
                       const at::Tensor& scale, at::Tensor& dx) {
-  check_features(x, r, "segkd_cpp::unnormalise");
+  check_unnormalise(x, r, df, proj, scale, dx);
+  check_grid(x, "segkd_cpp::unnormalise");
   const int64_t B = x.size(0), C = x.size(1), N = r.size(1);
-  TORCH_CHECK(df.is_contiguous() && df.numel() == B * C * N && proj.is_contiguous() && proj.numel() == B * N &&
-                  dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat &&
-                  df.device() == x.device() && proj.device() == x.device() && scale.device() == x.device() &&
-                  dx.device() == x.device(),
-              "segkd_cpp::unnormalise: df [B, C, N] and proj [B, N] dense fp32, dx shaped like x in its dtype");
   const int64_t total = B * C * N;
   if (total == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());

@@ -3,8 +3,8 @@
 // the gathers hit L1/L2: the low-res logits are 1/64 of the output pixels at 8x), the target's logit; the block's
 // loss sum and valid count are fixed-order block reductions (deterministic). Backward: csrc/upsampled_ce.h's tile
 // algorithm, one CUDA block of kThreads per tile (grid [tiles, class groups, B]), its working memory (44.2 KB)
-// in shared memory; the CPU twin (csrc/cpu/upsampled_ce.cpp) runs the same function. No host sync: the gradient's scale is
-// read on the device.
+// in shared memory; the CPU twin (csrc/cpu/upsampled_ce.cpp) runs the same function. No host sync: the gradient's
+// scale is read on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,10 +32,6 @@ struct ThreadBlock {
   }
   __device__ void sync() const { __syncthreads(); }
 };
-
-CeGeometry geometry(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, const Bchw& gs) {
-  return ce_geometry(x.size(1), x.size(2), x.size(3), y.size(1), y.size(2), ignore_index, bchw_strides(x), gs);
-}
 
 template <typename scalar_t, typename label_t>
 __global__ void upsampled_ce_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ y,
@@ -71,11 +67,7 @@ __global__ void __launch_bounds__(kThreads, 2) upsampled_ce_backward_kernel(cons
                    (blockIdx.x % ntw) * kCeTW, static_cast<int64_t>(blockIdx.y) * kCeKG, tile, ThreadBlock{});
 }
 
-void check(const at::Tensor& x, const at::Tensor& y, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && y.dim() == 3 && y.size(0) == x.size(0), name,
-              ": logits must be [B, K, h, w] and labels [B, H, W]");
-  TORCH_CHECK(y.is_contiguous() && y.device() == x.device(), name,
-              ": labels must be contiguous, on the logits' device");
+void check_grid(const at::Tensor& x, const char* name) {  // images on grid.y / grid.z
   TORCH_CHECK(x.size(0) <= 65535, name, ": at most 65535 images");
 }
 
@@ -83,16 +75,13 @@ void check(const at::Tensor& x, const at::Tensor& y, const char* name) {
 
 void upsampled_ce_cuda(const at::Tensor& x, const at::Tensor& y, int64_t ignore_index, at::Tensor& loss,
                        at::Tensor& count, int64_t block) {
-  check(x, y, "segkd_cpp::upsampled_ce");
+  ce_check_forward(x, y, loss, count, block);
+  check_grid(x, "segkd_cpp::upsampled_ce");
   TORCH_CHECK(block == kThreads, "segkd_cpp::upsampled_ce: block must be ", kThreads, " on CUDA");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), nblk = (y.size(1) * y.size(2) + block - 1) / block;
-  TORCH_CHECK(loss.numel() == B * nblk && count.numel() == B * nblk && loss.is_contiguous() && count.is_contiguous() &&
-                  loss.scalar_type() == at::kFloat && count.scalar_type() == at::kFloat &&
-                  loss.device() == x.device() && count.device() == x.device(),
-              "segkd_cpp::upsampled_ce: loss and count must be dense fp32 [B, ceil(H*W / block)] on the logits' device");
   if (B == 0 || nblk == 0) return;
-  const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(x));
+  const CeGeometry G = ce_geometry(x, y, ignore_index, bchw_strides(x));
   const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(B));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_upsampled_ce_cuda", [&] {
     using logit_t = scalar_t;
@@ -106,16 +95,13 @@ void upsampled_ce_cuda(const at::Tensor& x, const at::Tensor& y, int64_t ignore_
 
 void upsampled_ce_backward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                                 int64_t ignore_index, at::Tensor& g) {
-  check(x, y, "segkd_cpp::upsampled_ce_backward");
-  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && scale.scalar_type() == at::kFloat &&
-                  g.device() == x.device() && scale.device() == x.device(),
-              "segkd_cpp::upsampled_ce_backward: g must be shaped like the logits, in their dtype, and scale fp32, "
-              "both on the logits' device");
+  ce_check_backward(x, y, scale, g);
+  check_grid(x, "segkd_cpp::upsampled_ce_backward");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), nk = (x.size(1) + kCeKG - 1) / kCeKG;
   const int64_t ntiles = ((x.size(2) + kCeTH - 1) / kCeTH) * ((x.size(3) + kCeTW - 1) / kCeTW);
   if (g.numel() == 0) return;
-  const CeGeometry G = geometry(x, y, ignore_index, bchw_strides(g));
+  const CeGeometry G = ce_geometry(x, y, ignore_index, bchw_strides(g));
   const dim3 grid(static_cast<unsigned>(ntiles), static_cast<unsigned>(nk), static_cast<unsigned>(B));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segkd_upsampled_ce_backward_cuda", [&] {
     using logit_t = scalar_t;

@@ -40,6 +40,18 @@ def both_kernels(request, monkeypatch):
     return request.param
 
 
+def record_grad_outputs(monkeypatch, module, name="scale_grad"):
+    """Spy on the gradient scaling that kernels.<module>'s backward calls (`name`): -> the list of the grad_output
+    values it receives, the real scaling still done. (The package re-exports each op under its module's name, so
+    the module is taken from sys.modules.)"""
+    import sys
+
+    mod = sys.modules[f"kernels.{module}"]
+    seen, real = [], getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda g, go: seen.append(float(go)) or real(g, go))
+    return seen
+
+
 def randn(*shape, dtype=torch.float32, scale=1.0, seed=None):
     """Fresh random values (never zeros) on the test device, rounded to `dtype`."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
