@@ -34,7 +34,8 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "upsampled_ce", "pairwise")
+OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "prototype_logits",
+       "upsampled_ce", "pairwise")
 PROVIDERS = ("eager", "compile", "liger", "ours", "cpp")
 
 
@@ -75,7 +76,7 @@ from kernels.channel_kl import channel_kl_reference  # noqa: E402
 from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
 from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
-from kernels.prototype import prototype_kl_reference  # noqa: E402
+from kernels.prototype import prototype_kl_reference, prototype_logits_reference  # noqa: E402
 from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -194,6 +195,14 @@ def cases(op, small):
                     "ours": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k)[0],
                     "cpp": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k)[0]},
                    n + lab_bytes, 2 * n + lab_bytes)
+            # APD's form: prototypes of the L2-normalised features (a norm pass, then the class sums; the backward
+            # re-reads the features), against normalising into a copy first
+            yield (f"{b}x{c}x{h}x{w} K={k} normalize", d, make,
+                   {"eager": lambda f, y, k=k: ifvd_class_means(F.normalize(f.float(), dim=1, eps=1e-6), y, k),
+                    "compile": lambda f, y, k=k: masked_avg_pool_reference(f, y, k, normalize=True)[0],
+                    "ours": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k, normalize=True)[0],
+                    "cpp": lambda f, y, k=k: kernels.masked_avg_pool(f, y, k, normalize=True)[0]},
+                   2 * n + lab_bytes, 4 * n + lab_bytes)
     elif op == "bn_stat":
         shapes = ([(2, 64, 16, 32, torch.float32), (2, 256, 32, 64, torch.bfloat16)] if small else
                   [(8, 512, 64, 128, d) for d in (torch.bfloat16, torch.float32)])
@@ -220,6 +229,20 @@ def cases(op, small):
                    {"eager": f, "compile": f,
                     "ours": lambda fs, ft, ps, pt, pr: kernels.prototype_kl(fs, ft, ps, pt, pr, 0.1)},
                    2 * n, 3 * n)
+    elif op == "prototype_logits":
+        # APD's L_t logits on the teacher projector's features; both the features and the prototypes take gradients
+        shapes = ([(2, 64, 16, 32, 19, torch.float32)] if small else
+                  [(8, 512, 64, 128, 19, d) for d in (torch.bfloat16, torch.float32)])
+        for b, c, h, w, k, d in shapes:
+            n, logits = b * c * h * w * _elt(d), b * k * h * w * 4
+
+            def make(b=b, c=c, h=h, w=w, k=k, d=d):
+                return [_rand(b, c, h, w, dtype=d), _rand(b, k, c, dtype=torch.float32),
+                        torch.rand(b, k, device=DEVICE) < 0.6]
+            f = lambda x, a, pr: prototype_logits_reference(x, a, pr, 0.1)
+            yield (f"{b}x{c}x{h}x{w} K={k}", d, make,
+                   {"eager": f, "compile": f, "ours": lambda x, a, pr: kernels.prototype_logits(x, a, pr, 0.1)},
+                   n + logits, 3 * n + 3 * logits)
     elif op == "upsampled_ce":
         # logits [B, K, h, w] -> labels [B, 8h, 8w]: the workload's task loss (Cityscapes crops, output stride 8)
         shapes = ([(2, 19, 32, 64, torch.bfloat16), (1, 150, 16, 16, torch.bfloat16)] if small else
@@ -323,6 +346,8 @@ def run_case(op, label, dtype, make, provs, bytes_fwd, bytes_fb, providers, reps
     grad_idx = [i for i, x in enumerate(inputs) if x.is_floating_point()][:1]  # the student side
     if op == "prototype_kl":
         grad_idx = [0, 2]  # student features and student prototypes
+    if op == "prototype_logits":
+        grad_idx = [0, 1]  # features and prototypes
     for name in providers:
         if name not in provs:
             continue

@@ -139,7 +139,7 @@ from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
 from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
 from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
-from kernels.prototype import prototype_kl_reference  # noqa: E402
+from kernels.prototype import prototype_kl_reference, prototype_logits_reference  # noqa: E402
 
 
 class Suite:
@@ -383,6 +383,10 @@ def op_cases(z, device):
         return [rand((b, z.dec, h, w), dt, lay, device), rand((b, z.dec, h, w), dt, lay, device),
                 rand((b, k, z.dec), f32, lay, device), rand((b, k, z.dec), f32, lay, device), present]
 
+    def observe(dt, lay):  # prototype_logits: pixel features, prototypes, present classes
+        fs, _, ps, _, present = protos(dt, lay)
+        return [fs, ps, present]
+
     c_bn = max(z.dec // 2, 1)
 
     def bn_inputs(dt, lay):  # an ADS batch of BN inputs: twice the batch, a layer at twice the resolution
@@ -418,8 +422,14 @@ def op_cases(z, device):
     cases += [
         ("masked_avg_pool", f"decoder {b}x{z.dec}x{hw}, K={k}", pool,
          lambda f, y: kernels.masked_avg_pool(f, y, k), lambda f, y: masked_avg_pool_reference(f, y, k), (0,)),
+        ("masked_avg_pool", f"decoder {b}x{z.dec}x{hw}, K={k}, normalize", pool,
+         lambda f, y: kernels.masked_avg_pool(f, y, k, normalize=True),
+         lambda f, y: masked_avg_pool_reference(f, y, k, normalize=True), (0,)),
         ("prototype_kl", f"decoder {b}x{z.dec}x{hw}, K={k}, tau=0.1", protos,
          lambda *a: kernels.prototype_kl(*a, 0.1), lambda *a: prototype_kl_reference(*a, 0.1), (0, 2)),
+        ("prototype_logits", f"decoder {b}x{z.dec}x{hw}, K={k}, tau=0.1", observe,
+         lambda f, a, p: kernels.prototype_logits(f, a, p, 0.1),
+         lambda f, a, p: prototype_logits_reference(f, a, p, 0.1), (0, 1)),
         ("bn_stat_distance", f"BN input {2 * b}x{c_bn}x{2 * h}x{2 * w}", bn_inputs,
          kernels.bn_stat_distance, bn_stat_distance_reference, (0,)),
         ("upsampled_cross_entropy", f"task loss {b}x{k}x{hw} -> x8 labels", task,
@@ -806,17 +816,19 @@ def compare_training(method, ref, fused, steps, seconds):
 
 # ----------------------------------------------------------------------------- 2: kernel timings
 
-# (op, bench_kernels shape label, dtype) most important first: the workload's shapes and dtypes (apd's
-# features are fp32), then issue 3's headline pixel_kl shape and the other dtypes and modes.
+# (op, bench_kernels shape label, dtype) most important first: the workload's shapes and dtypes (bf16 under
+# autocast; apd's projector outputs are bf16 and normalised inside its ops), then issue 3's headline pixel_kl shape
+# and the other dtypes and modes.
 TIMING_CASES = [
     ("pixel_kl", "8x19x64x128", "bfloat16"), ("channel_kl", "8x19x64x128", "bfloat16"),
-    ("angular", "channel 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19", "float32"),
-    ("prototype_kl", "8x512x64x128 K=19", "float32"), ("bn_stat", "8x512x64x128", "bfloat16"),
+    ("angular", "channel 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19 normalize", "bfloat16"),
+    ("prototype_kl", "8x512x64x128 K=19", "bfloat16"), ("prototype_logits", "8x512x64x128 K=19", "bfloat16"),
+    ("bn_stat", "8x512x64x128", "bfloat16"), ("upsampled_ce", "8x19x64x128 -> 512x1024", "bfloat16"),
     ("pixel_kl", "8x19x512x1024", "bfloat16"), ("pixel_kl", "8x19x64x128", "float32"),
     ("channel_kl", "8x19x64x128", "float32"), ("angular", "layer 8x512x64x128", "bfloat16"),
     ("angular", "point 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19", "bfloat16"),
-    ("prototype_kl", "8x512x64x128 K=19", "bfloat16"), ("bn_stat", "8x512x64x128", "float32"),
-    ("upsampled_ce", "8x19x64x128 -> 512x1024", "bfloat16"), ("pairwise", "8x512|2048x32x64", "bfloat16"),
+    ("masked_avg_pool", "8x512x64x128 K=19", "float32"), ("prototype_kl", "8x512x64x128 K=19", "float32"),
+    ("bn_stat", "8x512x64x128", "float32"), ("pairwise", "8x512|2048x32x64", "bfloat16"),
     ("upsampled_ce", "8x150x64x64 -> 512x512", "bfloat16"),
 ]
 COMPILE_ESTIMATE_S = 60  # a first torch.compile of one case, forward and forward+backward, before any is measured

@@ -6,6 +6,13 @@
 Pixels labelled `ignore_index` (or any value outside [0, K)) are excluded; an absent class has count 0 and a
 zero prototype. Used by Adaptive Perspective Distillation (Tian et al., TPAMI 2022) to build prototypes.
 
+normalize=True pools the L2-normalised features f_hat = f / n, n = max(||f[b, :, hw]||, EPS) (F.normalize's
+convention) without materialising them: the forward weights each pixel by 1/n in the class sums, and the
+backward takes the gradient through the normalisation,
+    dL/df = q / n - [||f|| > EPS] * f (f . q) / n^3,   q = dL/dproto[b, y_bhw] / max(count, 1)
+so APD's projector outputs are read where they lie (16-bit, any dense layout) instead of being normalised into
+an fp32 copy that every consumer then reads and whose backward moves it several times (issue 12).
+
 Fused form: one pass over the features, read in place through their strides (NCHW or channels-last; the
 gradient takes the features' layout). A program owns a [C_block] slice of channels and a range of pixels;
 per [C_block, HW_block] feature tile it builds the [HW_block, K] one-hot of the labels in registers and
@@ -19,14 +26,17 @@ from kernels import _cpp
 from kernels._dispatch import (DOT_PRECISION, dot_dtype, eager_cpp, eager_function, empty, next_pow2, strided_bchw,
                                triton, tl, upcast, use_cpp, use_triton)
 
+EPS = 1e-6  # normalize=True: F.normalize's eps
 CPP_THREADS = 65536  # CUDA threads the C++ class sums aim for: pixel splits until (image, split, channel) fill them
 
 
-def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255):
+def masked_avg_pool_reference(feat, labels, num_classes, ignore_index=255, normalize=False):
     """feat: [B, C, H, W]; labels: [B, H, W] integer at feature resolution.
 
-    Returns (prototypes [B, K, C] float32, counts [B, K] float32).
+    Returns (prototypes [B, K, C] float32, counts [B, K] float32), of F.normalize(feat, dim=1) if normalize.
     """
+    if normalize:
+        feat = F.normalize(upcast(feat), dim=1, eps=EPS)
     protos, counts = class_means(feat, labels, num_classes, ignore_index)
     return protos.float(), counts.float()
 
@@ -129,6 +139,54 @@ def _masked_avg_pool_bwd_kernel(
              mask=in_c[:, None] & in_hw[None, :])
 
 
+@triton.jit
+def _masked_avg_pool_norm_bwd_kernel(
+    f_ptr,  # [B, C, HW] features (unnormalised), element strides (f_sb, f_sc, f_sp)
+    y_ptr,  # [B, HW] integer labels
+    gp_ptr,  # [B, K, C] fp32: dL/dproto / max(count, 1)
+    g_ptr,  # [B, C, HW] out (feature dtype, strides g_sb, g_sc, g_sp): dL/df through the normalisation
+    C,
+    HW,
+    K,
+    ignore_index,
+    f_sb, f_sc, f_sp,
+    g_sb, g_sc, g_sp,
+    C_BLOCK: tl.constexpr,
+    HW_BLOCK: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hw = blk.to(tl.int64) * HW_BLOCK + tl.arange(0, HW_BLOCK)
+    in_hw = hw < HW
+    y = tl.load(y_ptr + b * HW + hw, mask=in_hw, other=-1).to(tl.int32)
+    keep = in_hw & (y >= 0) & (y < K) & (y != ignore_index)
+    y = tl.where(keep, y, 0)
+    c_idx = tl.arange(0, C_BLOCK)
+    # Pass 1 over the channels: ||f||^2 and f . q per pixel. Pass 2 writes q / n - f (f . q) / n^3 (its re-read
+    # of the [C_BLOCK, HW_BLOCK] tiles of this program mostly hits L2).
+    ff = tl.zeros([HW_BLOCK], tl.float32)
+    fq = tl.zeros([HW_BLOCK], tl.float32)
+    for c0 in range(0, C, C_BLOCK):
+        c = c0 + c_idx
+        in_c = c < C
+        f = tl.load(f_ptr + b * f_sb + c[:, None].to(tl.int64) * f_sc + hw[None, :] * f_sp,
+                    mask=in_c[:, None] & in_hw[None, :], other=0.0).to(tl.float32)
+        q = tl.load(gp_ptr + (b * K + y[None, :]) * C + c[:, None], mask=in_c[:, None] & keep[None, :], other=0.0)
+        ff += tl.sum(f * f, axis=0)
+        fq += tl.sum(f * q, axis=0)
+    inv = 1.0 / tl.maximum(tl.sqrt(ff), 1e-6)  # EPS
+    r = tl.where(tl.sqrt(ff) > 1e-6, fq * inv * inv * inv, 0.0)
+    for c0 in range(0, C, C_BLOCK):
+        c = c0 + c_idx
+        in_c = c < C
+        f = tl.load(f_ptr + b * f_sb + c[:, None].to(tl.int64) * f_sc + hw[None, :] * f_sp,
+                    mask=in_c[:, None] & in_hw[None, :], other=0.0).to(tl.float32)
+        q = tl.load(gp_ptr + (b * K + y[None, :]) * C + c[:, None], mask=in_c[:, None] & keep[None, :], other=0.0)
+        g = q * inv[None, :] - f * r[None, :]
+        tl.store(g_ptr + b * g_sb + c[:, None].to(tl.int64) * g_sc + hw[None, :] * g_sp, g.to(g_ptr.dtype.element_ty),
+                 mask=in_c[:, None] & in_hw[None, :])
+
+
 def _tiling(c, k_pad):
     """(C_BLOCK, HW_BLOCK). tl.dot needs every dimension >= 16. The [HW_BLOCK, K_PAD] one-hot and the
     [C_BLOCK, K_PAD] accumulator grow with K: with these sizes on 8 warps the bf16 forward at the workload
@@ -173,9 +231,19 @@ def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
     return sums.sum(1)[:, :, :k].transpose(1, 2), counts.sum(1)[:, :k].contiguous()  # [B, K, C], [B, K]
 
 
-def masked_avg_pool_forward(feat, labels, num_classes, ignore_index):
+def inverse_norms(feat):
+    """1 / max(||f[b, :, hw]||, EPS) [B, H*W] fp32: one reading pass over the features, in place (torch)."""
+    n = torch.linalg.vector_norm(feat, dim=1, dtype=torch.float32)  # [B, H, W]
+    return n.clamp_min(EPS).reciprocal().reshape(feat.shape[0], -1)
+
+
+def masked_avg_pool_forward(feat, labels, num_classes, ignore_index, normalize=False):
     """Returns (prototypes [B, K, C] fp32, counts [B, K] fp32)."""
-    sums, counts = class_sums(feat, labels, num_classes, ignore_index)
+    if normalize:  # class sums of f / n: the inverse norms as per-pixel weights, 1 in place of each count
+        inv = inverse_norms(feat)
+        sums, counts = class_sums(feat, labels, num_classes, ignore_index, inv, torch.ones_like(inv))
+    else:
+        sums, counts = class_sums(feat, labels, num_classes, ignore_index)
     return (sums / counts.clamp_min(1)[..., None]).contiguous(), counts
 
 
@@ -197,9 +265,10 @@ def class_weighted_sums(feat, labels, num_classes, ignore_index, a, e):
     return class_sums(feat, labels, num_classes, ignore_index, a, e)
 
 
-def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype, ignore_index, channels_last=False):
+def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype, ignore_index, channels_last=False,
+                             feat=None):
     """dL/df [B, C, H, W] in the feature dtype (channels-last when asked: the features' layout) from
-    dL/dproto [B, K, C]."""
+    dL/dproto [B, K, C]; through the normalisation when the features `feat` are given (normalize=True)."""
     y = labels.contiguous()
     b, c = feat_shape[:2]
     hw = y[0].numel()
@@ -208,11 +277,28 @@ def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype
     g = empty(feat_shape, feat_dtype, y.device, _memory_format(channels_last))
     if use_cpp("masked_avg_pool", y):
         _cpp.ops().class_gather(_cpp.labels(y), gp, int(ignore_index), g)
+        return g if feat is None else _through_normalisation(feat, g)
+    if feat is not None:
+        f, f_strides = strided_bchw(feat)
+        c_block, hw_block = min(32, next_pow2(c)), 64
+        _masked_avg_pool_norm_bwd_kernel[(triton.cdiv(hw, hw_block), b)](
+            f, y, gp, g, c, hw, k, int(ignore_index), *f_strides, *strided_bchw(g)[1], C_BLOCK=c_block,
+            HW_BLOCK=hw_block, num_warps=4)
         return g
     c_block, hw_block = min(32, next_pow2(c)), 128
     _masked_avg_pool_bwd_kernel[(triton.cdiv(hw, hw_block), triton.cdiv(c, c_block), b)](
         y, gp, g, c, hw, k, int(ignore_index), *strided_bchw(g)[1], C_BLOCK=c_block, HW_BLOCK=hw_block, num_warps=4)
     return g
+
+
+def _through_normalisation(feat, q):
+    """dL/df = q / n - [||f|| > EPS] f (f . q) / n^3 in torch, from q = dL/d(f / n) (the C++ path's normalize=True
+    backward: the gather runs in C++, this projection in plain torch)."""
+    f = feat.float()
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    inv = norm.clamp_min(EPS).reciprocal()
+    r = torch.where(norm > EPS, (f * q.float()).sum(1, keepdim=True) * inv.pow(3), 0.0)
+    return (q.float() * inv - f * r).to(q.dtype)
 
 
 def _memory_format(channels_last):
@@ -225,41 +311,44 @@ def _is_channels_last(x):
 
 
 @torch.library.custom_op("segkd::masked_avg_pool", mutates_args=())
-def _masked_avg_pool_op(feat: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                        ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return masked_avg_pool_forward(feat, labels, num_classes, ignore_index)
+def _masked_avg_pool_op(feat: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int,
+                        normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return masked_avg_pool_forward(feat, labels, num_classes, ignore_index, normalize)
 
 
 @_masked_avg_pool_op.register_fake
-def _(feat, labels, num_classes, ignore_index):
+def _(feat, labels, num_classes, ignore_index, normalize=False):
     b, c = feat.shape[:2]
     return feat.new_empty((b, num_classes, c), dtype=torch.float32), \
         feat.new_empty((b, num_classes), dtype=torch.float32)
 
 
-def _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last):
-    """masked_avg_pool_backward for features shaped like `feat_like` (the backward custom op's body)."""
+def _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last, normalize=False):
+    """masked_avg_pool_backward for features shaped like `feat_like` (the features themselves when normalize: the
+    backward custom op's body)."""
     return masked_avg_pool_backward(grad_protos, labels, counts, feat_like.shape, feat_like.dtype, ignore_index,
-                                    channels_last)
+                                    channels_last, feat_like if normalize else None)
 
 
 @torch.library.custom_op("segkd::masked_avg_pool_backward", mutates_args=())
 def _masked_avg_pool_backward_op(grad_protos: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
-                                 feat_like: torch.Tensor, ignore_index: int, channels_last: bool) -> torch.Tensor:
-    return _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last)
+                                 feat_like: torch.Tensor, ignore_index: int, channels_last: bool,
+                                 normalize: bool = False) -> torch.Tensor:
+    return _backward_like(grad_protos, labels, counts, feat_like, ignore_index, channels_last, normalize)
 
 
 @_masked_avg_pool_backward_op.register_fake
-def _(grad_protos, labels, counts, feat_like, ignore_index, channels_last):
+def _(grad_protos, labels, counts, feat_like, ignore_index, channels_last, normalize=False):
     return torch.empty_like(feat_like, memory_format=_memory_format(channels_last))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no full-size zero gradient for the outputs that take none
-    feat, labels, num_classes, ignore_index = inputs
+    feat, labels, num_classes, ignore_index, *rest = inputs
+    ctx.normalize = bool(rest and rest[0])
     ctx.mark_non_differentiable(output[1])
-    # Only the shape and dtype of feat are needed: keep an empty stand-in, not the features.
-    ctx.save_for_backward(labels, output[1], feat.new_empty(()).expand(feat.shape))
+    # Only the shape and dtype of feat are needed without normalize: keep an empty stand-in, not the features.
+    ctx.save_for_backward(labels, output[1], feat if ctx.normalize else feat.new_empty(()).expand(feat.shape))
     ctx.ignore_index = ignore_index
     ctx.channels_last = _is_channels_last(feat)  # the gradient takes the features' layout
 
@@ -267,9 +356,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_protos, _grad_counts):
     labels, counts, feat_like = ctx.saved_tensors
     if grad_protos is None:
-        return None, None, None, None
+        return None, None, None, None, None
     backward = _backward_like if eager_cpp(labels) else _masked_avg_pool_backward_op  # eagerly: no custom-op wrapper
-    return backward(grad_protos, labels, counts, feat_like, ctx.ignore_index, ctx.channels_last), None, None, None
+    return (backward(grad_protos, labels, counts, feat_like, ctx.ignore_index, ctx.channels_last, ctx.normalize),
+            None, None, None, None)
 
 
 _masked_avg_pool_op.register_autograd(_backward, setup_context=_setup_context)
@@ -281,15 +371,16 @@ def _use_cpp(feat, num_classes):
     return use_cpp("masked_avg_pool", feat) and (not feat.is_cuda or int(num_classes) <= 256)
 
 
-def masked_avg_pool(feat, labels, num_classes, ignore_index=255):
-    """Class prototypes and pixel counts; see the module docstring. Fused Triton kernels when
-    `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under SEGKD_KERNELS=cuda."""
+def masked_avg_pool(feat, labels, num_classes, ignore_index=255, normalize=False):
+    """Class prototypes and pixel counts, of the L2-normalised features if `normalize`; see the module docstring.
+    Fused Triton kernels when `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under
+    SEGKD_KERNELS=cuda."""
     if feat.dim() != 4 or labels.shape != feat.shape[:1] + feat.shape[2:]:
         raise ValueError(f"masked_avg_pool: feat {tuple(feat.shape)} must be [B, C, H, W] and labels "
                          f"{tuple(labels.shape)} [B, H, W] at the same resolution")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"masked_avg_pool: labels must be an integer tensor, got {labels.dtype}")
     if not (_use_cpp(feat, num_classes) or use_triton(feat, labels, op="masked_avg_pool")):
-        return masked_avg_pool_reference(feat, labels, num_classes, ignore_index)
+        return masked_avg_pool_reference(feat, labels, num_classes, ignore_index, normalize)
     op = _MaskedAvgPoolEager.apply if eager_cpp(feat) else _masked_avg_pool_op
-    return op(feat, labels, int(num_classes), int(ignore_index))
+    return op(feat, labels, int(num_classes), int(ignore_index), bool(normalize))

@@ -27,6 +27,15 @@ An optional `scale` (APD's lambda_kd times its element normalisation, a 0-dim te
 multiplies L_ob and both gradients inside the kernel, so that with grad_output 1 the backward leaves dL/df_s alone
 instead of reading and writing it again.
 
+Fused `prototype_logits` (APD's L_t, whose gradient trains the teacher projector): the forward reads the
+features once (u = A_hat @ f and ||f||^2 over D chunks, as above) and writes the logits and n = max(||f||, EPS)
+per pixel; the backward reads the features once more with dL/do and writes, with w = dL/do / (tau n) on present
+classes,
+    dL/df     = A_hat^T w - [||f|| > EPS] * f * sum_k(dL/do_k * o_k) / n^2     (sum_k w_k u_k = sum_k dL/do_k o_k)
+    dL/dA_hat = sum_hw w f^T                                  (the same two-stage sum as below)
+Both ops take the features unnormalised (APD's projector outputs, 16-bit under autocast): normalising them into a
+copy first moved most of APD's 15 GB per step (issue 12).
+
 dL/dA_hat_s is a sum over all pixels of an image, reduced deterministically in two stages (no atomics, so
 two runs give bitwise-equal gradients): each program owns a fixed run of pixel blocks and accumulates its
 [K, D] partial in place in its own slice of a workspace [B, n_split, K, D] fp32 (plain loads and stores, one
@@ -265,13 +274,230 @@ def _backward(ctx, grad_loss, _grad_gf, _grad_ga):
 _prototype_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def prototype_logits(feat, protos, present, tau):
-    """Observation logits cos(f, A)/tau with absent classes masked; see the module docstring.
+@triton.jit
+def _prototype_logits_fwd_kernel(
+    f_ptr,  # [B, D, HW] pixel features (unnormalised), element strides (f_sb, f_sd, f_sp)
+    a_ptr,  # [B, K, D] fp32 normalised prototypes A_hat
+    present_ptr,  # [B, K] uint8: class k occurs in image b
+    o_ptr,  # [B, K, HW] fp32 out: the observation logits
+    n_ptr,  # [B, HW] fp32 out: max(||f||, EPS), kept for the backward
+    D,
+    HW,
+    K,
+    inv_tau,
+    f_sb, f_sd, f_sp,
+    K_PAD: tl.constexpr,
+    D_BLOCK: tl.constexpr,
+    HW_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    k = tl.arange(0, K_PAD)
+    in_k = k < K
+    pres = (tl.load(present_ptr + b * K + k, mask=in_k, other=0) != 0) & in_k
+    hw = tl.arange(0, HW_BLOCK).to(tl.int64) + blk * HW_BLOCK
+    in_hw = hw < HW
+    f_pix = (b * f_sb + hw * f_sp)[None, :]
+    d_idx = tl.arange(0, D_BLOCK)
+    u = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
+    ff = tl.zeros([HW_BLOCK], tl.float32)
+    for d0 in range(0, D, D_BLOCK):
+        d = d0 + d_idx
+        f = tl.load(f_ptr + f_pix + d[:, None].to(tl.int64) * f_sd, mask=(d < D)[:, None] & in_hw[None, :],
+                    other=0.0).to(tl.float32)  # [D_BLOCK, HW_BLOCK]
+        a = tl.load(a_ptr + b * K * D + k[:, None] * D + d[None, :], mask=in_k[:, None] & (d < D)[None, :],
+                    other=0.0)  # [K_PAD, D_BLOCK]
+        u = tl.dot(a, f, u, input_precision=PRECISION)
+        ff += tl.sum(f * f, axis=0)
+    n = tl.maximum(tl.sqrt(ff), 1e-6)  # EPS as in the reference
+    o = tl.where(pres[:, None], u * (inv_tau / n)[None, :], -1e4)  # ABSENT
+    tl.store(o_ptr + (b * K + k[:, None]) * HW + hw[None, :], o, mask=in_k[:, None] & in_hw[None, :])
+    tl.store(n_ptr + b * HW + hw, n, mask=in_hw)
 
-    Torch only: its consumer (L_t, the cross-entropy that trains the teacher projector) needs gradients
-    on the teacher side, and it is one batched matmul that cuBLAS already runs well.
+
+@triton.jit
+def _prototype_logits_bwd_kernel(
+    f_ptr,  # [B, D, HW] pixel features, element strides (f_sb, f_sd, f_sp)
+    a_ptr,  # [B, K, D] fp32 normalised prototypes A_hat
+    present_ptr,  # [B, K] uint8
+    o_ptr,  # [B, K, HW] fp32 the forward's logits
+    n_ptr,  # [B, HW] fp32 the forward's max(||f||, EPS)
+    go_ptr,  # [B, K, HW] fp32 dL/dlogits
+    gf_ptr,  # [B, D, HW] out (feature dtype, strides gf_s*): dL/df (written when WRITE_GF)
+    ga_ptr,  # [B, n_split, K, D] fp32 in place: a program's partial dL/dA_hat, set by its first block (when WRITE_GA)
+    D,
+    HW,
+    K,
+    inv_tau,
+    blocks_per_prog,  # pixel blocks [split * blocks_per_prog, ...) belong to program split
+    f_sb, f_sd, f_sp,
+    gf_sb, gf_sd, gf_sp,
+    WRITE_GF: tl.constexpr,
+    WRITE_GA: tl.constexpr,
+    K_PAD: tl.constexpr,
+    D_BLOCK: tl.constexpr,
+    HW_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    k = tl.arange(0, K_PAD)
+    in_k = k < K
+    pres = (tl.load(present_ptr + b * K + k, mask=in_k, other=0) != 0) & in_k
+    d_idx = tl.arange(0, D_BLOCK)
+    ws_base = (b * tl.num_programs(0) + split) * K * D  # this program's [K, D] slice of the workspace
+    blk0 = split * blocks_per_prog
+    for blk in range(blk0, tl.minimum(blk0 + blocks_per_prog, tl.cdiv(HW, HW_BLOCK))):
+        hw = tl.arange(0, HW_BLOCK).to(tl.int64) + blk * HW_BLOCK
+        in_hw = hw < HW
+        ko = (b * K + k[:, None]) * HW + hw[None, :]  # [K_PAD, HW_BLOCK]
+        live = pres[:, None] & in_hw[None, :]
+        g = tl.load(go_ptr + ko, mask=live, other=0.0)  # absent classes: constant logits, no gradient
+        o = tl.load(o_ptr + ko, mask=live, other=0.0)
+        n = tl.load(n_ptr + b * HW + hw, mask=in_hw, other=1.0)
+        w = g * (inv_tau / n)[None, :]  # dL/du, u = A_hat f
+        # sum_k w_k u_k = sum_k g_k o_k (o = u / (tau n)): the normalisation's term needs no second pass
+        r = tl.where(n > 1e-6, -tl.sum(g * o, axis=0) / (n * n), 0.0)  # [HW_BLOCK]
+        f_pix = (b * f_sb + hw * f_sp)[None, :]
+        gf_pix = (b * gf_sb + hw * gf_sp)[None, :]
+        for d0 in range(0, D, D_BLOCK):
+            d = d0 + d_idx
+            in_d = d < D
+            d64 = d[:, None].to(tl.int64)
+            f_mask = in_d[:, None] & in_hw[None, :]
+            a_mask = in_k[:, None] & in_d[None, :]
+            f = tl.load(f_ptr + f_pix + d64 * f_sd, mask=f_mask, other=0.0).to(tl.float32)
+            if WRITE_GF:
+                a = tl.load(a_ptr + b * K * D + k[:, None] * D + d[None, :], mask=a_mask, other=0.0)
+                gf = tl.dot(tl.trans(a), w, input_precision=PRECISION) + f * r[None, :]  # [D_BLOCK, HW_BLOCK]
+                tl.store(gf_ptr + gf_pix + d64 * gf_sd, gf.to(gf_ptr.dtype.element_ty), mask=f_mask)
+            if WRITE_GA:
+                ws = ga_ptr + ws_base + k[:, None] * D + d[None, :]
+                ga = tl.load(ws, mask=a_mask & (tl.full([K_PAD, D_BLOCK], blk, tl.int32) > blk0), other=0.0)
+                ga = tl.dot(w, tl.trans(f), ga, input_precision=PRECISION)
+                tl.store(ws, ga, mask=a_mask)
+        if WRITE_GA:
+            tl.debug_barrier()  # the next block re-reads the slice, possibly from other threads of the program
+
+
+def _logits_tiling(k):
+    """(K_PAD, D_BLOCK, HW_BLOCK) of the logits kernels (8 warps): prototype_kl's, whose pixel block keeps its
+    [K_PAD, HW_BLOCK] fp32 tiles within the register file (sm_90 registers and spills: bench/results/aot_sm90.md)."""
+    k_pad = max(16, next_pow2(k))
+    return k_pad, 16, max(16, min(64, 2048 // k_pad))
+
+
+def prototype_logits_forward(feat, ahat, present, tau):
+    """Returns (logits [B, K, H, W] fp32, norms [B, H*W] fp32: max(||f||, EPS) per pixel)."""
+    f, f_strides = strided_bchw(feat)  # no copy for NCHW or channels-last
+    a = ahat.float().contiguous()
+    pres = present.contiguous().view(torch.uint8)
+    b, d, h, w = f.shape
+    k = a.shape[1]
+    k_pad, d_block, hw_block = _logits_tiling(k)
+    logits = empty((b, k, h, w), torch.float32, f.device)
+    norms = empty((b, h * w), torch.float32, f.device)
+    _prototype_logits_fwd_kernel[(triton.cdiv(h * w, hw_block), b)](
+        f, a, pres, logits, norms, d, h * w, k, 1.0 / float(tau), *f_strides, K_PAD=k_pad, D_BLOCK=d_block,
+        HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
+    return logits, norms
+
+
+def prototype_logits_backward(feat, ahat, present, tau, logits, norms, grad_logits, write_gf, write_ga):
+    """(dL/df in the features' dtype and layout or [0], dL/dA_hat [B, K, D] fp32 or [0]) from dL/dlogits."""
+    f, f_strides = strided_bchw(feat)
+    a = ahat.float().contiguous()
+    pres = present.contiguous().view(torch.uint8)
+    go = grad_logits.float().contiguous()
+    b, d = f.shape[:2]
+    hw = f[0, 0].numel()
+    k = a.shape[1]
+    k_pad, d_block, hw_block = _logits_tiling(k)
+    n_blk = triton.cdiv(hw, hw_block)
+    per = triton.cdiv(n_blk, _ga_splits(b, k, d, n_blk)) if write_ga else 1
+    n_split = triton.cdiv(n_blk, per)
+    gf = empty_like(feat) if write_gf else f.new_empty(0)
+    gf_strides = strided_bchw(gf)[1] if write_gf else f_strides
+    ws = empty((b, n_split, k, d), torch.float32, f.device) if write_ga else a.new_empty(0)
+    _prototype_logits_bwd_kernel[(n_split, b)](
+        f, a, pres, logits, norms, go, gf if write_gf else f, ws if write_ga else a, d, hw, k, 1.0 / float(tau),
+        per, *f_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga, K_PAD=k_pad, D_BLOCK=d_block,
+        HW_BLOCK=hw_block, PRECISION=DOT_PRECISION, num_warps=8)
+    return gf, (ws.sum(1) if write_ga else ws)
+
+
+@torch.library.custom_op("segkd::prototype_logits", mutates_args=())
+def _prototype_logits_op(feat: torch.Tensor, ahat: torch.Tensor, present: torch.Tensor,
+                         tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return prototype_logits_forward(feat, ahat, present, tau)
+
+
+@_prototype_logits_op.register_fake
+def _(feat, ahat, present, tau):
+    b, _, h, w = feat.shape
+    return feat.new_empty((b, ahat.shape[1], h, w), dtype=torch.float32), \
+        feat.new_empty((b, h * w), dtype=torch.float32)
+
+
+@torch.library.custom_op("segkd::prototype_logits_backward", mutates_args=())
+def _prototype_logits_backward_op(feat: torch.Tensor, ahat: torch.Tensor, present: torch.Tensor, tau: float,
+                                  logits: torch.Tensor, norms: torch.Tensor, grad_logits: torch.Tensor,
+                                  write_gf: bool, write_ga: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return prototype_logits_backward(feat, ahat, present, tau, logits, norms, grad_logits, write_gf, write_ga)
+
+
+@_prototype_logits_backward_op.register_fake
+def _(feat, ahat, present, tau, logits, norms, grad_logits, write_gf, write_ga):
+    gf = empty_like(feat, poison=False) if write_gf else feat.new_empty(0)
+    ga = ahat.new_empty(ahat.shape, dtype=torch.float32) if write_ga else ahat.new_empty(0, dtype=torch.float32)
+    return gf, ga
+
+
+def _logits_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    feat, ahat, present, tau = inputs
+    logits, norms = output
+    ctx.mark_non_differentiable(norms)
+    ctx.save_for_backward(feat, ahat, present, logits, norms)
+    ctx.tau = tau
+
+
+def _logits_backward(ctx, grad_logits, _grad_norms):
+    if grad_logits is None:
+        return None, None, None, None
+    feat, ahat, present, logits, norms = ctx.saved_tensors
+    write_gf, write_ga = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gf, ga = _prototype_logits_backward_op(feat, ahat, present, ctx.tau, logits, norms, grad_logits, write_gf,
+                                           write_ga)
+    return gf if write_gf else None, ga if write_ga else None, None, None
+
+
+_prototype_logits_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+def _check_observation(name, feat, protos, present):
+    if feat.dim() != 4 or protos.dim() != 3 or protos.shape[0] != feat.shape[0] or protos.shape[2] != feat.shape[1]:
+        raise ValueError(f"{name}: feat {tuple(feat.shape)} must be [B, D, H, W] and protos {tuple(protos.shape)} "
+                         "[B, K, D] with the same B and D")
+    if present.shape != protos.shape[:2] or present.dtype != torch.bool:
+        raise ValueError(f"{name}: present must be a bool [B, K] mask, got {present.dtype} {tuple(present.shape)}")
+
+
+def prototype_logits(feat, protos, present, tau):
+    """Observation logits cos(f, A)/tau [B, K, H, W] fp32, absent classes ABSENT; see the module docstring.
+    feat need not be normalised: the kernel normalises each pixel as it reads it.
+
+    Fused when `kernels._dispatch.use_triton` says so: the forward reads the features once and writes the logits
+    and the per-pixel norms; the backward (APD's L_t trains the teacher projector through it) reads the features
+    once more and writes dL/df in their layout and dL/dA_hat (a two-stage sum, as prototype_kl's). The
+    prototypes are normalised in torch, which carries their gradient back to the unnormalised ones.
     """
-    return prototype_logits_reference(feat, protos, present, tau)
+    _check_observation("prototype_logits", feat, protos, present)
+    if not use_triton(feat, protos):
+        return prototype_logits_reference(feat, protos, present, tau)
+    ahat = F.normalize(protos.float(), dim=2, eps=EPS)
+    return _prototype_logits_op(feat, ahat, present, float(tau))[0]
 
 
 def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):

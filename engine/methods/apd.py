@@ -4,8 +4,9 @@ Segmentation", TPAMI 2022).
 Decoder features (default position) are projected and L2-normalised,
     f_t = n(P_t(F_t)),  P_t = [1x1 conv d_t->d_s, ReLU, 1x1 conv d_s->d_s]
     f_s = n(P_s(F_s)),  P_s = [1x1 conv d_s->d_s, ReLU, 1x1 conv d_s->d_s]
+(n is applied inside the ops that read f: the projector outputs are never normalised into a copy of their own),
 class prototypes A^i = masked average of f over the ground-truth pixels of class i (labels downsampled to
-feature resolution by nearest neighbour; kernels.masked_avg_pool), and observations
+feature resolution by nearest neighbour; kernels.masked_avg_pool(normalize=True)), and observations
     p_a = softmax over the present classes of cos(f, A^i) / tau        (kernels.prototype_logits)
 The student loss is CE + lambda_kd * (L_kd + L_ob) + lambda_rec * L_rec (lambda_kd = lambda_rec = 10,
 tau = 0.1); L_t trains P_t alone (Adam, lr 1e-5, betas 0.9/0.99, constant lr). --apd-convention picks the
@@ -88,6 +89,12 @@ def projector(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 1))
 
 
+def projector_input(x, proj):
+    """x as `proj` takes it: unchanged under autocast (the convolution casts it; an explicit upcast would write and
+    read an fp32 copy of the features), else in the projector's weight dtype (a 16-bit teacher, fp32 projector)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(proj[0].weight.dtype)
+
+
 def batch_prototypes(protos, counts):
     """Per-image prototypes [B, K, d] and pixel counts [B, K] -> one prototype per class over every pixel of
     the batch [K, d] and its count [K]: sum_b count_b A_b / sum_b count_b (0 for a class absent everywhere).
@@ -122,11 +129,14 @@ class APD(Method):
 
     def forward(self, s, t, batch):
         cfg = self.cfg
-        f_s = F.normalize(self.student_proj(self.features(s)).float(), dim=1, eps=1e-6)  # [B, d_s, h, w]
-        f_t = F.normalize(self.teacher_proj(self.features(t).float()), dim=1, eps=1e-6)
+        # f = P(F) unnormalised, in the step's dtype and layout: every consumer normalises each pixel as it reads it
+        # (masked_avg_pool(normalize=True), prototype_logits, prototype_kl), so no normalised fp32 copy is made
+        f_s = self.student_proj(self.features(s))  # [B, d_s, h, w]
+        f_t = self.teacher_proj(projector_input(self.features(t), self.teacher_proj))
         labels = labels_at(batch["label"], f_s.shape[-2:])  # [B, h, w]
-        a_s, counts = kernels.masked_avg_pool(f_s, labels, self.num_classes, self.ignore_index)  # [B, K, d_s]
-        a_t, _ = kernels.masked_avg_pool(f_t, labels, self.num_classes, self.ignore_index)
+        a_s, counts = kernels.masked_avg_pool(f_s, labels, self.num_classes, self.ignore_index,
+                                              normalize=True)  # [B, K, d_s], prototypes of n(f_s)
+        a_t, _ = kernels.masked_avg_pool(f_t, labels, self.num_classes, self.ignore_index, normalize=True)
         terms = self.code_terms if cfg.apd_convention == "code" else self.paper_terms
         l_t, l_rec, l_ob, l_kd = terms(s, t, batch["label"], f_s, f_t, a_s, a_t, counts, labels)
         return {

@@ -92,8 +92,13 @@ def launches():
         for k in (19, 150):
             protos, counts = masked_avg_pool.masked_avg_pool_forward(f, lab, k, 255)
             masked_avg_pool.masked_avg_pool_backward(protos, lab, counts, f.shape, f.dtype, 255)
+            masked_avg_pool.masked_avg_pool_forward(f, lab, k, 255, normalize=True)
+            masked_avg_pool.masked_avg_pool_backward(protos, lab, counts, f.shape, f.dtype, 255, feat=f)
             a = torch.randn(2, k, 40, generator=g)
-            prototype.prototype_kl_forward(f, f, a, a, torch.ones(2, k, dtype=torch.bool), 0.1, True, True)
+            present = torch.ones(2, k, dtype=torch.bool)
+            prototype.prototype_kl_forward(f, f, a, a, present, 0.1, True, True)
+            logits, norms = prototype.prototype_logits_forward(f, a, present, 0.1)
+            prototype.prototype_logits_backward(f, a, present, 0.1, logits, norms, logits, True, True)
         _grad_scale.scale_grad_(f.clone(), torch.ones(()))
     return calls
 

@@ -130,3 +130,65 @@ def test_masked_avg_pool_by_hand():
     protos, counts = kernels.masked_avg_pool(f, lab, 3)
     assert protos[0, :, 0].tolist() == [2.0, 10.0, 0.0]
     assert counts[0].tolist() == [2.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------- normalize=True: prototypes of n(f) (APD, issue 12)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_normalised_matches_reference(fused, shape, dtype):
+    b, c, h, w, k = shape
+    lab = labels_for(b, h, w, k)
+    compare(lambda f: masked_avg_pool(f, lab, k, normalize=True),
+            lambda f: masked_avg_pool_reference(f, lab, k, normalize=True), [randn(b, c, h, w, dtype=dtype, scale=3.0)])
+
+
+def test_normalised_zero_pixels_and_ignored_labels(fused):
+    """A zero feature vector normalises to zero (the norm clamps at EPS), in value and gradient, as F.normalize."""
+    lab = labels_for(2, 5, 7, 19)
+    lab[0, 1, 1] = 3
+    f = randn(2, 40, 5, 7)
+    f[0, :, 1, 1] = 0
+    (protos, _), (g,) = compare(lambda f: masked_avg_pool(f, lab, 19, normalize=True),
+                                lambda f: masked_avg_pool_reference(f, lab, 19, normalize=True), [f])
+    assert torch.isfinite(protos).all() and torch.isfinite(g).all()
+    assert torch.equal(g[1].permute(1, 2, 0)[lab[1] == 255], torch.zeros_like(g[1].permute(1, 2, 0)[lab[1] == 255]))
+
+
+def test_normalised_prototypes_are_means_of_unit_vectors():
+    """Against the definition in float64 numpy: per class, the mean of f / ||f|| over its pixels."""
+    r = RNG(5)
+    b, c, h, w, k = 2, 6, 5, 7, 5
+    f = r.normal(0, 2, (b, c, h, w))
+    lab = r.integers(0, k - 1, (b, h, w))
+    lab[1, 0, :] = 255
+    protos, _ = kernels.masked_avg_pool(t64(f), t64(lab), k, normalize=True)
+    for i in range(b):
+        for cls in range(k):
+            m = lab[i] == cls
+            unit_cols = f[i][:, m] / np.linalg.norm(f[i][:, m], axis=0, keepdims=True)
+            want = unit_cols.mean(1) if m.any() else np.zeros(c)
+            np.testing.assert_allclose(protos[i, cls].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_normalised_layouts_match_reference_and_are_read_in_place(fused, dtype, layout):
+    lab = labels_for(2, 5, 7, 19)
+    f = laid_out(randn(2, 40, 5, 7, dtype=dtype), layout)
+    _, (g,) = compare(lambda f: masked_avg_pool(f, lab, 19, normalize=True),
+                      lambda f: masked_avg_pool_reference(f, lab, 19, normalize=True), [f])
+    assert g.stride() == f.stride()
+    f = f.detach().requires_grad_()
+    with layout_copies() as copies:
+        protos, _ = masked_avg_pool(f, lab, 19, normalize=True)
+        (protos * randn(*protos.shape)).sum().backward()
+    assert f.shape not in copies and f.grad.stride() == f.stride()
+
+
+def test_normalised_gradient_is_orthogonal_to_each_pixel():
+    """d/df of a function of f / ||f|| is orthogonal to f at every pixel (scaling f changes nothing)."""
+    f = randn(2, 16, 5, 7).double().requires_grad_()
+    lab = labels_for(2, 5, 7, 19)
+    protos, _ = masked_avg_pool(f, lab, 19, normalize=True)
+    (protos * randn(2, 19, 16).double()).sum().backward()
+    assert (f.grad * f.detach()).sum(1).abs().max() < 1e-12

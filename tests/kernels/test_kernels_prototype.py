@@ -8,8 +8,8 @@ import torch
 import kernels
 from kernel_testing import (DEVICE, DTYPES, GO, LAYOUT_PAIRS, RNG, compare, laid_out, layout_copies, present_mask,
                             randn, record_grad_outputs, softmax, t64, unit)
-from kernels import prototype_kl
-from kernels.prototype import prototype_kl_reference
+from kernels import prototype_kl, prototype_logits
+from kernels.prototype import prototype_kl_reference, prototype_logits_reference
 
 # (B, D, H, W, K)
 SHAPES = [(2, 24, 5, 7, 19), (1, 40, 3, 11, 11), (2, 16, 4, 4, 21), (1, 20, 3, 5, 150), (1, 18, 2, 9, 171)]
@@ -159,3 +159,78 @@ def test_gradients_are_bitwise_reproducible(fused):
         (prototype_kl(fs, inputs[1], ps, inputs[3], present, 0.1) * GO).backward()
         grads.append((fs.grad, ps.grad))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------- prototype_logits: fused, with its backward (issue 12)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_logits_match_reference(fused, shape, dtype):
+    """Logits and both gradients (features and unnormalised prototypes) against float64, grad_output random."""
+    b, d, h, w, k = shape
+    present = present_mask(b, k)
+    compare(lambda f, p: prototype_logits(f, p, present, 0.1), lambda f, p: prototype_logits_reference(f, p, present, 0.1),
+            [randn(b, d, h, w, dtype=dtype, scale=2.0), randn(b, k, d)], grad_idx=(0, 1))
+
+
+def test_logits_absent_classes_zero_pixels_and_one_side_gradients(fused):
+    b, d, h, w, k = 2, 24, 4, 5, 19
+    present = present_mask(b, k)
+    present[1] = False
+    f, p = randn(b, d, h, w), randn(b, k, d)
+    f[0, :, 1, 1] = 0  # the norm clamps at EPS: logits 0 there, finite gradients
+    p[0, 0] = 0
+    (logits,), grads = compare(lambda f, p: prototype_logits(f, p, present, 0.1),
+                               lambda f, p: prototype_logits_reference(f, p, present, 0.1), [f, p], grad_idx=(0, 1))
+    assert torch.equal(logits[1], torch.full_like(logits[1], -1e4))  # ABSENT everywhere in image 1
+    assert all(torch.isfinite(g).all() for g in grads)
+    for idx in [(0,), (1,)]:
+        compare(lambda f, p: prototype_logits(f, p, present, 0.1),
+                lambda f, p: prototype_logits_reference(f, p, present, 0.1), [f, p], grad_idx=idx)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_layouts_match_reference_and_are_read_in_place(fused, dtype, layout):
+    present = present_mask(2, 19)
+    f = laid_out(randn(2, 24, 5, 7, dtype=dtype), layout)
+    _, (g, _) = compare(lambda f, p: prototype_logits(f, p, present, 0.1),
+                        lambda f, p: prototype_logits_reference(f, p, present, 0.1), [f, randn(2, 19, 24)],
+                        grad_idx=(0, 1))
+    assert g.stride() == f.stride()
+    f = f.detach().requires_grad_()
+    with layout_copies() as copies:
+        (prototype_logits(f, randn(2, 19, 24), present, 0.1) * randn(2, 19, 5, 7)).sum().backward()
+    assert f.shape not in copies and f.grad.stride() == f.stride()
+
+
+@pytest.mark.parametrize("programs", [1, 5])
+def test_logits_prototype_gradient_over_several_blocks_per_program(fused, monkeypatch, programs):
+    monkeypatch.setattr(importlib.import_module("kernels.prototype"), "GA_PROGRAMS", programs)
+    present = present_mask(1, 150)
+    compare(lambda f, p: prototype_logits(f, p, present, 0.1), lambda f, p: prototype_logits_reference(f, p, present, 0.1),
+            [randn(1, 20, 12, 15), randn(1, 150, 20)], grad_idx=(0, 1))
+
+
+def test_logits_cross_entropy_gradient_matches_formula(fused):
+    """APD's L_t through the fused logits, against the closed form in float64 numpy: for CE over the present
+    classes, dL/do = (softmax(o) - onehot) / n_pixels, and do_k/df = (a_hat_k - cos_k f_hat) / (tau ||f||)."""
+    r = RNG(11)
+    b, d, h, w, k, tau = 1, 6, 3, 4, 5, 0.1
+    f, a = r.normal(0, 1, (b, d, h, w)), r.normal(0, 1, (b, k, d))
+    present = np.array([[True, True, False, True, True]])
+    lab = r.choice(np.flatnonzero(present[0]), (b, h, w))
+    ft = t64(f).float().requires_grad_()
+    logits = prototype_logits(ft, t64(a).float(), t64(present), tau)
+    torch.nn.functional.cross_entropy(logits, t64(lab)).backward()
+    want = np.zeros_like(f)
+    ah = np.stack([unit(a[0, j]) for j in range(k)])
+    for y in range(h):
+        for x in range(w):
+            v = f[0, :, y, x]
+            cos = ah @ unit(v)
+            o = np.where(present[0], cos / tau, -1e4)
+            p = softmax(o, 0)
+            p[lab[0, y, x]] -= 1
+            jac = (ah - cos[:, None] * unit(v)[None, :]) / (tau * np.linalg.norm(v))  # [K, D]
+            want[0, :, y, x] = (p * present[0]) @ jac / (h * w)
+    np.testing.assert_allclose(ft.grad.numpy(), want, rtol=1e-4, atol=1e-7)

@@ -5,7 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_testing import DEVICE, randn
-from kernels import angular_loss, bn_stat_distance, channel_kl, masked_avg_pool, pixel_kl, prototype_kl
+from kernels import (angular_loss, bn_stat_distance, channel_kl, masked_avg_pool, pixel_kl, prototype_kl,
+                     prototype_logits)
 
 ZEROS = {torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default,
          torch.ops.aten.full.default, torch.ops.aten.full_like.default}
@@ -39,6 +40,8 @@ def cases():
         "channel_kl": (lambda x: channel_kl(x, t, 4.0), s),
         "angular_loss": (lambda x: angular_loss(x, t, "channel"), s),
         "masked_avg_pool": (lambda x: masked_avg_pool(x, labels, 4)[0].square().sum(), f_s),
+        "masked_avg_pool normalize": (lambda x: masked_avg_pool(x, labels, 4, normalize=True)[0].square().sum(), s),
+        "prototype_logits": (lambda x: prototype_logits(x, protos_t.detach(), present, 0.1).square().sum(), f_t),
         "prototype_kl": (lambda x: prototype_kl(x, f_t, protos_s.detach(), protos_t, present, 0.1), f_s),
         "bn_stat_distance": (lambda x: bn_stat_distance(x, mean, var).sum(), s),
     }
