@@ -62,8 +62,8 @@ def _pixel_kl(c, h, w, channels_last=False):
     return lambda: pixel_kl.pixel_kl_forward(s, s, None, 1.0, True)  # the trainer's call: gradient, no mask
 
 
-def _channel_kl(c, h, w):
-    s = meta(B, c, h, w)
+def _channel_kl(c, h, w, channels_last=False):
+    s = meta(B, c, h, w, channels_last=channels_last)
     return lambda: channel_kl.channel_kl_forward(s, s, 4.0, True)
 
 
@@ -83,6 +83,32 @@ def _masked_avg_pool(c, h, w, k):
         protos, counts = masked_avg_pool.masked_avg_pool_forward(f, lab, k, 255)
         masked_avg_pool.masked_avg_pool_backward(protos, lab, counts, f.shape, f.dtype, 255)
     return run
+
+
+def _masked_avg_pool_normalised(c, h, w, k):
+    f, lab = meta(B, c, h, w, channels_last=True), torch.empty(B, h, w, dtype=torch.int64, device="meta")
+
+    def run():  # APD's call: the projector output, channels-last, normalised inside
+        protos, counts = masked_avg_pool.masked_avg_pool_forward(f, lab, k, 255, normalize=True)
+        masked_avg_pool.masked_avg_pool_backward(protos, lab, counts, f.shape, f.dtype, 255, True, feat=f)
+    return run
+
+
+def _prototype_logits(c, h, w, k):
+    f, a = meta(B, c, h, w, channels_last=True), torch.empty(B, k, c, device="meta")
+    present = torch.empty(B, k, dtype=torch.bool, device="meta")
+
+    def run():
+        logits, norms = prototype.prototype_logits_forward(f, a, present, 0.1)
+        prototype.prototype_logits_backward(f, a, present, 0.1, logits, norms, logits, True, True)
+    return run
+
+
+def _prototype_ce(c, h, w, k):
+    f, a = meta(B, c, h, w, channels_last=True), torch.empty(B, k, c, device="meta")
+    present = torch.empty(B, k, dtype=torch.bool, device="meta")
+    lab, scale = torch.empty(B, h, w, dtype=torch.int64, device="meta"), torch.empty((), device="meta")
+    return lambda: prototype.prototype_kl_forward(f, f, a, a, present, 0.1, True, True, scale, lab)
 
 
 def _prototype_kl(c, h, w, k):
@@ -147,7 +173,9 @@ VARIANTS = [
     ("pixel_kl", "C=11 45x60 NCHW (CamVid, HW=2700)", _pixel_kl(11, 45, 60)),
     ("pixel_kl", "C=19 97x97 NCHW (769 crop)", _pixel_kl(19, 97, 97)),
     ("pixel_kl bwd", "C=19 64x128 (grad scale)", _grad_scale_of(19, 64, 128)),
-    ("channel_kl", "C=19 64x128 NCHW", _channel_kl(19, 64, 128)),
+    ("channel_kl", "C=19 64x128 NCHW (one pass)", _channel_kl(19, 64, 128)),
+    ("channel_kl", "C=19 64x128 channels-last (one pass)", _channel_kl(19, 64, 128, channels_last=True)),
+    ("channel_kl", "C=19 97x97 NCHW (split rows)", _channel_kl(19, 97, 97)),
     ("channel_kl", "C=11 45x60 NCHW (HW=2700)", _channel_kl(11, 45, 60)),
     ("angular layer", "2048x64x128 NCHW", _angular("layer", 2048, 64, 128)),
     ("angular channel", "2048x64x128 NCHW", _angular("channel", 2048, 64, 128)),
@@ -156,7 +184,10 @@ VARIANTS = [
     ("angular point", "2048x45x60 NCHW (HW=2700)", _angular("point", 2048, 45, 60)),
     ("masked_avg_pool", "512x64x128 K=19", _masked_avg_pool(512, 64, 128, 19)),
     ("masked_avg_pool", "512x64x64 K=150", _masked_avg_pool(512, 64, 64, 150)),
+    ("masked_avg_pool", "512x64x128 K=19 normalize channels-last (apd)", _masked_avg_pool_normalised(512, 64, 128, 19)),
     ("prototype_kl", "512x64x128 K=19", _prototype_kl(512, 64, 128, 19)),
+    ("prototype_ce", "512x64x128 K=19 channels-last (apd)", _prototype_ce(512, 64, 128, 19)),
+    ("prototype_logits", "512x64x128 K=19 channels-last (apd code convention)", _prototype_logits(512, 64, 128, 19)),
     ("bn_stat", "2048x64x128", _bn_stat(2048, 64, 128)),
     ("bn_stat", "2048x45x60 (HW=2700)", _bn_stat(2048, 45, 60)),
     ("pairwise (skd)", "512|2048x32x64 NCHW (pooled 2x2)", _pairwise(512, 2048, 32, 64)),

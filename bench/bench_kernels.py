@@ -35,7 +35,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OPS = ("pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "prototype_logits",
-       "upsampled_ce", "pairwise")
+       "prototype_ce", "upsampled_ce", "pairwise")
 PROVIDERS = ("eager", "compile", "liger", "ours", "cpp")
 
 
@@ -243,6 +243,22 @@ def cases(op, small):
             yield (f"{b}x{c}x{h}x{w} K={k}", d, make,
                    {"eager": f, "compile": f, "ours": lambda x, a, pr: kernels.prototype_logits(x, a, pr, 0.1)},
                    n + logits, 3 * n + 3 * logits)
+    elif op == "prototype_ce":
+        # APD's L_t (paper convention): the CE of the logits above against the labels at feature resolution
+        shapes = ([(2, 64, 16, 32, 19, torch.float32)] if small else
+                  [(8, 512, 64, 128, 19, d) for d in (torch.bfloat16, torch.float32)])
+        for b, c, h, w, k, d in shapes:
+            n, lab_bytes = b * c * h * w * _elt(d), b * h * w * 8
+
+            def make(b=b, c=c, h=h, w=w, k=k, d=d):
+                lab = torch.randint(0, k, (b, h, w), device=DEVICE)
+                lab[torch.rand(b, h, w, device=DEVICE) < 0.1] = 255
+                present = torch.stack([torch.isin(torch.arange(k, device=DEVICE), y[y < k]) for y in lab])
+                return [_rand(b, c, h, w, dtype=d), _rand(b, k, c, dtype=torch.float32), present, lab]
+            f = lambda x, a, pr, y: F.cross_entropy(prototype_logits_reference(x, a, pr, 0.1), y, ignore_index=255)
+            yield (f"{b}x{c}x{h}x{w} K={k}", d, make,
+                   {"eager": f, "compile": f, "ours": lambda x, a, pr, y: kernels.prototype_ce(x, a, pr, y, 0.1)},
+                   n + lab_bytes, 2 * n + lab_bytes)
     elif op == "upsampled_ce":
         # logits [B, K, h, w] -> labels [B, 8h, 8w]: the workload's task loss (Cityscapes crops, output stride 8)
         shapes = ([(2, 19, 32, 64, torch.bfloat16), (1, 150, 16, 16, torch.bfloat16)] if small else
@@ -346,7 +362,7 @@ def run_case(op, label, dtype, make, provs, bytes_fwd, bytes_fb, providers, reps
     grad_idx = [i for i, x in enumerate(inputs) if x.is_floating_point()][:1]  # the student side
     if op == "prototype_kl":
         grad_idx = [0, 2]  # student features and student prototypes
-    if op == "prototype_logits":
+    if op in ("prototype_logits", "prototype_ce"):
         grad_idx = [0, 1]  # features and prototypes
     for name in providers:
         if name not in provs:

@@ -139,7 +139,7 @@ from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
 from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
 from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
-from kernels.prototype import prototype_kl_reference, prototype_logits_reference  # noqa: E402
+from kernels.prototype import prototype_ce_reference, prototype_kl_reference, prototype_logits_reference  # noqa: E402
 
 
 class Suite:
@@ -387,6 +387,11 @@ def op_cases(z, device):
         fs, _, ps, _, present = protos(dt, lay)
         return [fs, ps, present]
 
+    def observe_labels(dt, lay):  # prototype_ce: features, prototypes, the labels' classes, the labels
+        f, labels = pool(dt, lay)
+        present = torch.stack([torch.isin(torch.arange(k, device=device), y[y < k]) for y in labels])
+        return [f, rand((b, k, z.dec), f32, lay, device), present, labels]
+
     c_bn = max(z.dec // 2, 1)
 
     def bn_inputs(dt, lay):  # an ADS batch of BN inputs: twice the batch, a layer at twice the resolution
@@ -430,6 +435,9 @@ def op_cases(z, device):
         ("prototype_logits", f"decoder {b}x{z.dec}x{hw}, K={k}, tau=0.1", observe,
          lambda f, a, p: kernels.prototype_logits(f, a, p, 0.1),
          lambda f, a, p: prototype_logits_reference(f, a, p, 0.1), (0, 1)),
+        ("prototype_ce", f"decoder {b}x{z.dec}x{hw}, K={k}, tau=0.1", observe_labels,
+         lambda f, a, p, y: kernels.prototype_ce(f, a, p, y, 0.1),
+         lambda f, a, p, y: prototype_ce_reference(f, a, p, y, 0.1), (0, 1)),
         ("bn_stat_distance", f"BN input {2 * b}x{c_bn}x{2 * h}x{2 * w}", bn_inputs,
          kernels.bn_stat_distance, bn_stat_distance_reference, (0,)),
         ("upsampled_cross_entropy", f"task loss {b}x{k}x{hw} -> x8 labels", task,
@@ -822,14 +830,14 @@ def compare_training(method, ref, fused, steps, seconds):
 TIMING_CASES = [
     ("pixel_kl", "8x19x64x128", "bfloat16"), ("channel_kl", "8x19x64x128", "bfloat16"),
     ("angular", "channel 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19 normalize", "bfloat16"),
-    ("prototype_kl", "8x512x64x128 K=19", "bfloat16"), ("prototype_logits", "8x512x64x128 K=19", "bfloat16"),
+    ("prototype_kl", "8x512x64x128 K=19", "bfloat16"), ("prototype_ce", "8x512x64x128 K=19", "bfloat16"),
     ("bn_stat", "8x512x64x128", "bfloat16"), ("upsampled_ce", "8x19x64x128 -> 512x1024", "bfloat16"),
     ("pixel_kl", "8x19x512x1024", "bfloat16"), ("pixel_kl", "8x19x64x128", "float32"),
     ("channel_kl", "8x19x64x128", "float32"), ("angular", "layer 8x512x64x128", "bfloat16"),
     ("angular", "point 8x512x64x128", "bfloat16"), ("masked_avg_pool", "8x512x64x128 K=19", "bfloat16"),
     ("masked_avg_pool", "8x512x64x128 K=19", "float32"), ("prototype_kl", "8x512x64x128 K=19", "float32"),
     ("bn_stat", "8x512x64x128", "float32"), ("pairwise", "8x512|2048x32x64", "bfloat16"),
-    ("upsampled_ce", "8x150x64x64 -> 512x512", "bfloat16"),
+    ("upsampled_ce", "8x150x64x64 -> 512x512", "bfloat16"), ("prototype_logits", "8x512x64x128 K=19", "bfloat16"),
 ]
 COMPILE_ESTIMATE_S = 60  # a first torch.compile of one case, forward and forward+backward, before any is measured
 

@@ -145,7 +145,8 @@ def kernel_roles(fn):
     """{pointer argument: (role, constexpr flag or None)} from a @triton.jit function's pointer comments.
 
     role "r" (read), "w" ("out"), "rw" ("in place", "atomic", "accumulated"); "when FLAG": only when the
-    constexpr FLAG is true. STYLE.md asks for a comment on every pointer: a pointer without one is an error."""
+    constexpr FLAG is true ("unless FLAG": only when it is false; the flag is then given as "!FLAG"). STYLE.md asks
+    for a comment on every pointer: a pointer without one is an error."""
     pointers = [p for p in inspect.signature(fn).parameters if p.endswith("_ptr")]
     roles = {}
     for line in inspect.getsource(fn).splitlines():
@@ -154,13 +155,19 @@ def kernel_roles(fn):
             text = m.group(2)
             role = ("rw" if re.search(r"in place|atomic|accumulated", text) else
                     "w" if re.search(r"\bout\b", text) else "r")
-            flag = re.search(r"when ([A-Z_][A-Z0-9_]*)", text)
-            roles[m.group(1)] = (role, flag.group(1) if flag else None)
+            flag = re.search(r"\b(when|unless) ([A-Z_][A-Z0-9_]*)", text)
+            roles[m.group(1)] = (role, None if not flag else flag.group(2) if flag.group(1) == "when"
+                                 else "!" + flag.group(2))
     missing = [p for p in pointers if p not in roles]
     if missing:
         raise ValueError(f"{fn.__module__}.{fn.__name__}: pointer argument(s) {missing} have no comment saying "
                          "what they hold; the traffic model reads whether a kernel reads or writes them from it")
     return roles
+
+
+def _flag_set(bound, flag):
+    """Whether a launch's constexpr `flag` ("FLAG", or "!FLAG" for its negation) holds."""
+    return not bound.get(flag[1:]) if flag.startswith("!") else bool(bound.get(flag))
 
 
 def _scale_grad_touches_g(args, counter):
@@ -316,7 +323,7 @@ class Counter(TorchDispatchMode):
         reads, writes = [], []
         for name, (role, flag) in kernel_roles(fn).items():
             t = bound.get(name)
-            if not isinstance(t, torch.Tensor) or name in skip or (flag is not None and not bound.get(flag)):
+            if not isinstance(t, torch.Tensor) or name in skip or (flag is not None and not _flag_set(bound, flag)):
                 continue
             if "r" in role:
                 reads.append(t)

@@ -33,8 +33,13 @@ per pixel; the backward reads the features once more with dL/do and writes, with
 classes,
     dL/df     = A_hat^T w - [||f|| > EPS] * f * sum_k(dL/do_k * o_k) / n^2     (sum_k w_k u_k = sum_k dL/do_k o_k)
     dL/dA_hat = sum_hw w f^T                                  (the same two-stage sum as below)
-Both ops take the features unnormalised (APD's projector outputs, 16-bit under autocast): normalising them into a
-copy first moved most of APD's 15 GB per step (issue 12).
+Fused `prototype_ce` (APD's L_t in the paper convention: the CE of those logits against the labels at feature
+resolution, mean over the valid pixels) is prototype_kl's kernel with the labels' one-hot as the target (LABELS):
+CE = KL(onehot || p) since a one-hot has no entropy, g_k = (p_k - [k = y]) on valid pixels and 0 on ignored ones,
+the mean's 1 / n_valid a device tensor in `scale`. One pass writes the loss and both gradients, and the logits are
+never materialised. `prototype_logits` stays for the code convention, whose L_t upsamples the logits first.
+All these ops take the features unnormalised (APD's projector outputs, 16-bit under autocast): normalising them
+into a copy first moved most of APD's 15 GB per step (issue 12).
 
 dL/dA_hat_s is a sum over all pixels of an image, reduced deterministically in two stages (no atomics, so
 two runs give bitwise-equal gradients): each program owns a fixed run of pixel blocks and accumulates its
@@ -72,6 +77,18 @@ def _logits(feat, protos, present, tau):
     return logits.reshape(b, -1, h, w)
 
 
+def prototype_ce_reference(feat, protos, present, labels, tau, ignore_index=255, scale=None):
+    """L_t (times `scale` when given): cross-entropy of the observation logits against labels [B, H, W] at their
+    resolution, mean over the valid pixels (labels in [0, K), not ignore_index; 0 when none is). Float32 scalar."""
+    logits = _logits(feat, protos, present, tau)  # [B, K, H, W]
+    k = logits.shape[1]
+    valid = (labels >= 0) & (labels < k) & (labels != ignore_index)
+    target = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    nll = F.cross_entropy(logits, target, reduction="none")  # [B, H, W]
+    loss = torch.where(valid, nll, torch.zeros_like(nll)).sum() / valid.sum().clamp_min(1)
+    return loss.float() if scale is None else (loss * scale).float()
+
+
 def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):
     """L_ob (times `scale`, a float or 0-dim tensor, when given): pixel-mean KL(p_a,t || p_a,s). Float32 scalar.
     The caller detaches the teacher side."""
@@ -86,10 +103,11 @@ def prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau, sca
 @triton.jit
 def _prototype_kl_fwd_kernel(
     fs_ptr,  # [B, D, HW] student pixel features, element strides (fs_sb, fs_sd, fs_sp)
-    ft_ptr,  # [B, D, HW] teacher pixel features, element strides (ft_sb, ft_sd, ft_sp)
+    ft_ptr,  # [B, D, HW] teacher pixel features, element strides (ft_sb, ft_sd, ft_sp) (read unless LABELS)
     as_ptr,  # [B, K, D] fp32 normalised student prototypes A_hat_s
-    at_ptr,  # [B, K, D] fp32 normalised teacher prototypes A_hat_t
+    at_ptr,  # [B, K, D] fp32 normalised teacher prototypes A_hat_t (read unless LABELS)
     present_ptr,  # [B, K] uint8: class k occurs in image b
+    y_ptr,  # [B, HW] integer labels: the target is their one-hot instead of the teacher's observation (when LABELS)
     kl_ptr,  # [B, n_split] fp32 out: sum of the per-pixel KL over each program's pixel blocks
     gf_ptr,  # [B, D, HW] out (student dtype, strides gf_s*): dL/df_s for grad_output = 1 (written when WRITE_GF)
     ga_ptr,  # [B, n_split, K, D] fp32 in place: a program's partial dL/dA_hat_s, set by its first block, when WRITE_GA
@@ -97,6 +115,7 @@ def _prototype_kl_fwd_kernel(
     D,
     HW,
     K,
+    ignore_index,
     inv_tau,
     inv_n,  # 1 / (B*H*W)
     blocks_per_prog,  # pixel blocks [split * blocks_per_prog, ...) belong to program split
@@ -106,6 +125,7 @@ def _prototype_kl_fwd_kernel(
     WRITE_GF: tl.constexpr,
     WRITE_GA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    LABELS: tl.constexpr,  # cross-entropy against the labels (prototype_ce) instead of KL against the teacher
     K_PAD: tl.constexpr,
     D_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
@@ -144,32 +164,39 @@ def _prototype_kl_fwd_kernel(
                           other=0.0)  # [K_PAD, D_BLOCK]
             us = tl.dot(a_s, fs, us, input_precision=PRECISION)
             fss += tl.sum(fs * fs, axis=0)
-        ut = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
-        ftt = tl.zeros([HW_BLOCK], tl.float32)
-        for d0 in range(0, D, D_BLOCK):
-            d = d0 + d_idx
-            f_mask = (d < D)[:, None] & in_hw[None, :]
-            ft = tl.load(ft_ptr + ft_pix + d[:, None].to(tl.int64) * ft_sd, mask=f_mask, other=0.0).to(tl.float32)
-            a_t = tl.load(at_ptr + a_base + k[:, None] * D + d[None, :], mask=in_k[:, None] & (d < D)[None, :],
-                          other=0.0)
-            ut = tl.dot(a_t, ft, ut, input_precision=PRECISION)
-            ftt += tl.sum(ft * ft, axis=0)
-
         nfs = tl.maximum(tl.sqrt(fss), 1e-6)  # [HW_BLOCK], EPS as in the reference
-        nft = tl.maximum(tl.sqrt(ftt), 1e-6)
         # Absent classes take ABSENT = -1e4 like the reference; padded classes -1e30 so they never count.
         os_ = tl.where(pres[:, None], us * (inv_tau / nfs)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
-        ot = tl.where(pres[:, None], ut * (inv_tau / nft)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
         xs = os_ - tl.max(os_, axis=0)[None, :]
-        xt = ot - tl.max(ot, axis=0)[None, :]
         lps = xs - tl.log(tl.sum(tl.exp(xs), axis=0))[None, :]  # [K_PAD, HW_BLOCK]
-        lpt = xt - tl.log(tl.sum(tl.exp(xt), axis=0))[None, :]
-        pt = tl.exp(lpt)
-        kl = tl.sum(tl.where(in_k[:, None], pt * (lpt - lps), 0.0), axis=0)  # [HW_BLOCK]
+        if LABELS:  # the target is the label's one-hot: CE = -log p_s[y] on valid pixels, no gradient elsewhere
+            y = tl.load(y_ptr + b * HW + hw, mask=in_hw, other=-1).to(tl.int32)
+            live = in_hw & (y >= 0) & (y < K) & (y != ignore_index)
+            onehot = (k[:, None] == y[None, :]) & live[None, :]
+            pt = tl.where(onehot, 1.0, 0.0)
+            kl = tl.sum(tl.where(onehot, -lps, 0.0), axis=0)  # [HW_BLOCK]
+        else:
+            ut = tl.zeros([K_PAD, HW_BLOCK], tl.float32)
+            ftt = tl.zeros([HW_BLOCK], tl.float32)
+            for d0 in range(0, D, D_BLOCK):
+                d = d0 + d_idx
+                f_mask = (d < D)[:, None] & in_hw[None, :]
+                ft = tl.load(ft_ptr + ft_pix + d[:, None].to(tl.int64) * ft_sd, mask=f_mask, other=0.0).to(tl.float32)
+                a_t = tl.load(at_ptr + a_base + k[:, None] * D + d[None, :], mask=in_k[:, None] & (d < D)[None, :],
+                              other=0.0)
+                ut = tl.dot(a_t, ft, ut, input_precision=PRECISION)
+                ftt += tl.sum(ft * ft, axis=0)
+            nft = tl.maximum(tl.sqrt(ftt), 1e-6)
+            ot = tl.where(pres[:, None], ut * (inv_tau / nft)[None, :], tl.where(in_k[:, None], -1e4, -1e30))
+            xt = ot - tl.max(ot, axis=0)[None, :]
+            lpt = xt - tl.log(tl.sum(tl.exp(xt), axis=0))[None, :]
+            pt = tl.exp(lpt)
+            kl = tl.sum(tl.where(in_k[:, None], pt * (lpt - lps), 0.0), axis=0)  # [HW_BLOCK]
+            live = in_hw  # every pixel observes
         kl_acc += tl.sum(tl.where(in_hw, kl, 0.0), axis=0)
 
         if WRITE_GF or WRITE_GA:
-            g = tl.where(pres[:, None] & in_hw[None, :], (tl.exp(lps) - pt) * inv_n, 0.0)
+            g = tl.where(pres[:, None] & live[None, :], (tl.exp(lps) - pt) * inv_n, 0.0)
             w = g * (inv_tau / nfs)[None, :]  # dL/du_s, [K_PAD, HW_BLOCK]
             r = tl.where(tl.sqrt(fss) > 1e-6, -tl.sum(w * us, axis=0) / (nfs * nfs), 0.0)  # [HW_BLOCK]
             for d0 in range(0, D, D_BLOCK):
@@ -194,6 +221,11 @@ def _prototype_kl_fwd_kernel(
     tl.store(kl_ptr + b * tl.num_programs(0) + split, kl_acc)
 
 
+def pres_placeholder(present):
+    """A tensor to pass for a pointer the kernel does not read (labels without LABELS)."""
+    return present
+
+
 GA_PROGRAMS = 256  # programs per launch when dL/dA_hat_s is reduced: about 2 per SM of an H100/H200
 GA_WORKSPACE_BYTES = 64 << 20  # bound on the [B, n_split, K, D] fp32 workspace
 
@@ -206,13 +238,16 @@ def _ga_splits(b, k, d, n_blk):
     return max(1, min(n_blk, triton.cdiv(GA_PROGRAMS, b), GA_WORKSPACE_BYTES // (b * k * d * 4)))
 
 
-def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None):
+def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None, labels=None,
+                         ignore_index=255):
     """Returns (L_ob [] fp32, dL/df_s [B, D, H, W] or [0], dL/dA_hat_s [B, K, D] fp32 or [0]), all times `scale`
-    (a 0-dim tensor, read on the device) when given."""
+    (a 0-dim tensor, read on the device) when given. With `labels` [B, H, W] the target is their one-hot (the
+    cross-entropy summed over valid pixels / (B*H*W)) and feat_t, ahat_t are not read."""
     fs, fs_strides = strided_bchw(feat_s)  # no copy for NCHW or channels-last
-    ft, ft_strides = strided_bchw(feat_t)
+    ft, ft_strides = strided_bchw(feat_t) if labels is None else (fs, fs_strides)
     a_s = ahat_s.float().contiguous()
-    a_t = ahat_t.float().contiguous()
+    a_t = ahat_t.float().contiguous() if labels is None else a_s
+    y = labels.contiguous() if labels is not None else pres_placeholder(present)
     pres = present.contiguous().view(torch.uint8)
     b, d = fs.shape[:2]
     hw = fs[0, 0].numel()
@@ -232,9 +267,9 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
     ws = empty((b, n_split, k, d), torch.float32, fs.device) if write_ga else a_s.new_empty(0)
     sc = kl if scale is None else scale.to(torch.float32).reshape(())  # never read without a scale
     _prototype_kl_fwd_kernel[(n_split, b)](
-        fs, ft, a_s, a_t, pres, kl, gf if write_gf else fs, ws if write_ga else a_s, sc, d, hw, k, 1.0 / float(tau),
-        1.0 / (b * hw), per, *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf, WRITE_GA=write_ga,
-        HAS_SCALE=scale is not None, K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION,
+        fs, ft, a_s, a_t, pres, y, kl, gf if write_gf else fs, ws if write_ga else a_s, sc, d, hw, k, int(ignore_index),
+        1.0 / float(tau), 1.0 / (b * hw), per, *fs_strides, *ft_strides, *gf_strides, WRITE_GF=write_gf,
+        WRITE_GA=write_ga, HAS_SCALE=scale is not None, LABELS=labels is not None, K_PAD=k_pad, D_BLOCK=d_block, HW_BLOCK=hw_block, PRECISION=DOT_PRECISION,
         num_warps=8)
     ga = ws.sum(1) if write_ga else ws  # [B, K, D]: a fixed-order reduction, deterministic
     loss = kl.sum() / (b * hw)
@@ -244,12 +279,14 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
 @torch.library.custom_op("segkd::prototype_kl", mutates_args=())
 def _prototype_kl_op(feat_s: torch.Tensor, feat_t: torch.Tensor, ahat_s: torch.Tensor, ahat_t: torch.Tensor,
                      present: torch.Tensor, tau: float, write_gf: bool, write_ga: bool,
-                     scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale)
+                     scale: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                     ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale, labels,
+                                ignore_index)
 
 
 @_prototype_kl_op.register_fake
-def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None):
+def _(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf, write_ga, scale=None, labels=None, ignore_index=255):
     gf = empty_like(feat_s, poison=False) if write_gf else feat_s.new_empty(0)  # as the launcher
     ga = ahat_s.new_empty(ahat_s.shape, dtype=torch.float32) if write_ga else ahat_s.new_empty(0, dtype=torch.float32)
     return feat_s.new_empty((), dtype=torch.float32), gf, ga
@@ -268,7 +305,7 @@ def _backward(ctx, grad_loss, _grad_gf, _grad_ga):
     if ctx.write_gf:
         scale_grad_(gf, grad_loss)
     return (gf if ctx.write_gf else None, None, ga * grad_loss if ctx.write_ga else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _prototype_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -498,6 +535,33 @@ def prototype_logits(feat, protos, present, tau):
         return prototype_logits_reference(feat, protos, present, tau)
     ahat = F.normalize(protos.float(), dim=2, eps=EPS)
     return _prototype_logits_op(feat, ahat, present, float(tau))[0]
+
+
+def prototype_ce(feat, protos, present, labels, tau, ignore_index=255, scale=None):
+    """APD's L_t in the paper convention: the cross-entropy of the observation logits cos(f, A)/tau against the labels
+    at feature resolution, mean over the valid pixels; = segmentation_ce(prototype_logits(...), labels) without the
+    logits. Both the features and the prototypes take gradients (L_t trains the teacher projector).
+
+    Fused when `kernels._dispatch.use_triton` says so: prototype_kl's kernel with the labels' one-hot as the target
+    (LABELS), so one pass over the features computes the loss and writes dL/df and dL/dA_hat (a scalar loss: the
+    backward only scales them, and not at all at grad_output 1). The mean over valid pixels is a device tensor: no
+    host sync.
+    """
+    _check_observation("prototype_ce", feat, protos, present)
+    if labels.shape != feat.shape[:1] + feat.shape[2:] or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"prototype_ce: labels must be an integer [B, H, W] tensor at the features' resolution, got "
+                         f"{labels.dtype} {tuple(labels.shape)} for features {tuple(feat.shape)}")
+    if scale is not None and not torch.is_tensor(scale):
+        scale = torch.full((), float(scale), dtype=torch.float32, device=feat.device)
+    if not use_triton(feat, protos) or (scale is not None and needs_grad(scale)):
+        return prototype_ce_reference(feat, protos, present, labels, tau, ignore_index, scale)
+    b, k = protos.shape[:2]
+    valid = (labels >= 0) & (labels < k) & (labels != ignore_index)
+    factor = (labels.numel() / valid.sum().clamp_min(1)).to(torch.float32)  # the kernel divides by B*H*W
+    factor = factor if scale is None else factor * scale.reshape(()).float()
+    ahat = F.normalize(protos.float(), dim=2, eps=EPS)
+    return _prototype_kl_op(feat, feat, ahat, ahat, present, float(tau), needs_grad(feat), needs_grad(protos),
+                            factor.reshape(()), labels, int(ignore_index))[0]
 
 
 def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):

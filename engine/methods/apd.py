@@ -15,7 +15,7 @@ form of the terms:
 paper (default: segkd's form, every apd result so far). Prototypes per image: A_b^i over the pixels of image
 b, present classes K_b per image.
     L_t   = CE(observation logits of the teacher over the K_b present classes at feature resolution, labels
-              downsampled to it)
+              downsampled to it), mean over the valid pixels                     (kernels.prototype_ce)
     L_rec = 1 - mean over present (b, i) of cos(A_s,b^i, A_t,b^i)
     L_ob  = KL(p_a,t || p_a,s) summed over pixels and classes    (kernels.prototype_kl), divided by
               element: the number of (b, present class, pixel) entries, sum_b K_b * h*w   (default)
@@ -150,7 +150,8 @@ class APD(Method):
         """(L_t, L_rec, lambda_kd L_ob, lambda_kd L_kd) with per-image prototypes; see the module docstring."""
         cfg, tau = self.cfg, self.cfg.apd_tau
         present = counts > 0  # [B, K]
-        l_t = segmentation_ce(kernels.prototype_logits(f_t, a_t, present, tau), labels, self.ignore_index)
+        # CE of the observation logits at feature resolution, fused: the [B, K, h, w] logits are never written
+        l_t = kernels.prototype_ce(f_t, a_t, present, labels, tau, self.ignore_index)
         cos = F.cosine_similarity(a_s, a_t.detach(), dim=2, eps=1e-6)  # [B, K]
         l_rec = 1 - (cos * present).sum() / present.sum().clamp_min(1)
         # element unit: pixel mean * B / sum_b K_b = mean over the [K_b, h, w] entries; the factor and lambda_kd are

@@ -23,8 +23,8 @@ def _bench(tmp_path, *flags):
 def test_bench_small_all_ops(tmp_path):
     md, res = _bench(tmp_path, "--providers", "eager,ours")  # no torch.compile: minutes of Inductor on a GPU
     ops = {r["op"] for r in res["rows"]}
-    assert ops == {"pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "upsampled_ce",
-                   "pairwise"}
+    assert ops == {"pixel_kl", "channel_kl", "angular", "masked_avg_pool", "bn_stat", "prototype_kl", "prototype_logits",
+                   "prototype_ce", "upsampled_ce", "pairwise"}
     for op in ops:
         for provider in ("eager", "ours"):
             for mode in ("fwd", "fwd+bwd"):

@@ -80,8 +80,9 @@ def launches():
             valid = torch.rand(2, 9, 11, generator=g) > 0.5
             pixel_kl.pixel_kl_forward(s, s, valid, 2.0, True)
             pixel_kl.pixel_kl_forward(s, s, None, 1.0, False)
-        s = torch.randn(2, 19, 33, 35, generator=g).to(dtype)
-        channel_kl.channel_kl_forward(s, s, 4.0, True)
+        for h, w in ((33, 35), (64, 128), (100, 100)):  # one pass (a row in registers, up to 8192), split rows
+            s = torch.randn(1, 19, h, w, generator=g).to(dtype)
+            channel_kl.channel_kl_forward(s, s, 4.0, True)
         f = torch.randn(2, 40, 9, 11, generator=g).to(dtype)
         for mode in angular.MODES:
             _, stats = angular.angular_forward(f, f, mode)
@@ -97,6 +98,7 @@ def launches():
             a = torch.randn(2, k, 40, generator=g)
             present = torch.ones(2, k, dtype=torch.bool)
             prototype.prototype_kl_forward(f, f, a, a, present, 0.1, True, True)
+            prototype.prototype_kl_forward(f, f, a, a, present, 0.1, True, True, torch.ones(()), lab)  # prototype_ce
             logits, norms = prototype.prototype_logits_forward(f, a, present, 0.1)
             prototype.prototype_logits_backward(f, a, present, 0.1, logits, norms, logits, True, True)
         _grad_scale.scale_grad_(f.clone(), torch.ones(()))

@@ -1,4 +1,5 @@
 """kernels/channel_kl.py: the fused op against its torch reference and against float64 numpy formulas."""
+import importlib
 import math
 
 import numpy as np
@@ -28,6 +29,38 @@ def test_rows_split_across_programs(fused, row_tiles, dtype):
     # With the small tiling each row of 9*13 logits spans several loop steps and 4 splits.
     s, t = randn(2, 5, 9, 13, dtype=dtype, scale=3), randn(2, 5, 9, 13, dtype=dtype, scale=3)
     compare(lambda s, t: channel_kl(s, t, 2.0), lambda s, t: channel_kl_reference(s, t, 2.0), [s, t])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("hw", [(64, 128), (65, 127)], ids=["one pass", "split"])
+def test_workload_rows_one_pass_and_split(hw, layout, monkeypatch):
+    """The workload's 64x128 rows (8192 logits: kernels._dispatch.ROW_CHUNK) go through the one-pass kernel, one
+    launch holding each row in registers; a longer row through the two split passes. Both against float64."""
+    from kernel_testing import force_backend
+
+    force_backend("triton", monkeypatch)
+    mod = importlib.import_module("kernels.channel_kl")
+    launched = []
+    for name in ("_channel_kl_row_kernel", "_channel_kl_stats_kernel", "_channel_kl_fwd_kernel"):
+        kernel = getattr(mod, name)
+        monkeypatch.setattr(mod, name, _Spy(kernel, name, launched))
+    s, t = (laid_out(randn(1, 3, *hw, dtype=torch.bfloat16, scale=3, seed=i), layout) for i in (1, 2))
+    _, (g,) = compare(lambda s, t: channel_kl(s, t, 4.0), lambda s, t: channel_kl_reference(s, t, 4.0), [s, t])
+    one_pass = hw[0] * hw[1] <= 8192
+    assert launched == (["_channel_kl_row_kernel"] if one_pass else ["_channel_kl_stats_kernel",
+                                                                     "_channel_kl_fwd_kernel"])
+    assert g.stride() == s.stride()
+
+
+class _Spy:
+    """A Triton kernel stand-in that records its name at each launch."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def test_grad_output_one(fused):

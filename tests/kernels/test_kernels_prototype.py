@@ -8,8 +8,8 @@ import torch
 import kernels
 from kernel_testing import (DEVICE, DTYPES, GO, LAYOUT_PAIRS, RNG, compare, laid_out, layout_copies, present_mask,
                             randn, record_grad_outputs, softmax, t64, unit)
-from kernels import prototype_kl, prototype_logits
-from kernels.prototype import prototype_kl_reference, prototype_logits_reference
+from kernels import prototype_ce, prototype_kl, prototype_logits
+from kernels.prototype import prototype_ce_reference, prototype_kl_reference, prototype_logits_reference
 
 # (B, D, H, W, K)
 SHAPES = [(2, 24, 5, 7, 19), (1, 40, 3, 11, 11), (2, 16, 4, 4, 21), (1, 20, 3, 5, 150), (1, 18, 2, 9, 171)]
@@ -234,3 +234,82 @@ def test_logits_cross_entropy_gradient_matches_formula(fused):
             jac = (ah - cos[:, None] * unit(v)[None, :]) / (tau * np.linalg.norm(v))  # [K, D]
             want[0, :, y, x] = (p * present[0]) @ jac / (h * w)
     np.testing.assert_allclose(ft.grad.numpy(), want, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- prototype_ce: APD's L_t fused (issue 12)
+def _labels(b, h, w, k, present, seed=0):
+    """Labels of present classes, with ignored and out-of-range pixels."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.zeros(b, h, w, dtype=torch.long)
+    for i in range(b):
+        cls = torch.nonzero(present[i].cpu()).flatten()
+        lab[i] = cls[torch.randint(0, len(cls), (h, w), generator=g)]
+    lab[torch.rand(b, h, w, generator=g) < 0.2] = 255
+    lab[0, 0, 0] = present.shape[1] + 3  # outside [0, K): not a valid pixel
+    return lab.to(present.device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_ce_matches_reference(fused, shape, dtype):
+    b, d, h, w, k = shape
+    present = present_mask(b, k)
+    present[:, 0] = True
+    lab = _labels(b, h, w, k, present)
+    compare(lambda f, p: prototype_ce(f, p, present, lab, 0.1), lambda f, p: prototype_ce_reference(f, p, present, lab, 0.1),
+            [randn(b, d, h, w, dtype=dtype, scale=2.0), randn(b, k, d)], grad_idx=(0, 1))
+
+
+def test_ce_equals_cross_entropy_of_the_logits(fused):
+    """prototype_ce = F.cross_entropy(prototype_logits(...)) over the valid pixels, in value and both gradients."""
+    b, d, h, w, k = 2, 24, 5, 7, 19
+    present = present_mask(b, k)
+    present[:, 0] = True
+    lab = _labels(b, h, w, k, present)
+    lab[lab == k + 3] = 255
+
+    def unfused(f, p):
+        return torch.nn.functional.cross_entropy(prototype_logits(f, p, present, 0.1), lab, ignore_index=255)
+    compare(lambda f, p: prototype_ce(f, p, present, lab, 0.1), unfused, [randn(b, d, h, w), randn(b, k, d)],
+            grad_idx=(0, 1))
+
+
+def test_ce_no_valid_pixel_is_zero_with_zero_gradients(fused):
+    present = present_mask(1, 19)
+    lab = torch.full((1, 3, 5), 255, dtype=torch.long, device=DEVICE)
+    (loss,), (gf, gp) = compare(lambda f, p: prototype_ce(f, p, present, lab, 0.1),
+                                lambda f, p: prototype_ce_reference(f, p, present, lab, 0.1),
+                                [randn(1, 24, 3, 5), randn(1, 19, 24)], grad_idx=(0, 1))
+    assert loss.item() == 0 and not gf.any() and not gp.any()
+
+
+def test_ce_grad_output_one_leaves_the_gradient_alone(fused, monkeypatch):
+    """A scalar loss: the forward writes the gradient, the backward at grad_output 1 does not touch it again."""
+    seen = record_grad_outputs(monkeypatch, "prototype", "scale_grad_")
+    present = present_mask(2, 19)
+    present[:, 0] = True
+    f = randn(2, 24, 3, 5).requires_grad_()
+    prototype_ce(f, randn(2, 19, 24), present, _labels(2, 3, 5, 19, present), 0.1).backward()
+    assert seen == [1.0] and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_ce_layouts_are_read_in_place(fused, layout):
+    present = present_mask(2, 19)
+    present[:, 0] = True
+    lab = _labels(2, 5, 7, 19, present)
+    f = laid_out(randn(2, 24, 5, 7, dtype=torch.bfloat16), layout)
+    _, (g, _) = compare(lambda f, p: prototype_ce(f, p, present, lab, 0.1),
+                        lambda f, p: prototype_ce_reference(f, p, present, lab, 0.1), [f, randn(2, 19, 24)],
+                        grad_idx=(0, 1))
+    assert g.stride() == f.stride()
+    f = f.detach().requires_grad_()
+    with layout_copies() as copies:
+        prototype_ce(f, randn(2, 19, 24), present, lab, 0.1).backward()
+    assert f.shape not in copies
+
+
+def test_ce_bad_labels_are_named():
+    with pytest.raises(ValueError, match="labels"):
+        prototype_ce(randn(1, 8, 3, 3), randn(1, 19, 8), present_mask(1, 19), torch.zeros(1, 4, 4, dtype=torch.long),
+                     0.1)
