@@ -385,9 +385,12 @@ def markdown(rows, arch):
              "`one`: integer arguments specialised to the constant 1 (unit pixel stride).", "",
              "HW not a multiple of 16 (45x60 = 2700, 97x97 = 9409): the JIT specialises divisibility by 16 only, "
              "so HW and the batch/channel strides carry no alignment and every pixel-contiguous access compiles "
-             "to 2-byte scalars. 2700 = 4 * 675 would allow 8-byte (4 x bf16) accesses if the kernels were told "
-             "(`tl.multiple_of`); 9409 is odd, so rows start at odd elements and scalars are the only option for "
-             "a [C, HW] tile. Channels-last logits are read with pixel stride C, also as scalars.", "",
+             "to 2-byte scalars, and `tl.multiple_of` has no effect on a scalar argument. pixel_kl (the KD term "
+             "of most methods) mitigates it: its launcher passes HW and the strides divided by 4 or 2 "
+             "(`kernels._dispatch.pixel_vector_hint`) and the kernel multiplies them back by a constexpr, so "
+             "2700 = 4 * 675 compiles to 8-byte (4 x bf16) accesses. The other ops keep the scalar fallback at "
+             "such sizes. 9409 is odd, so rows start at odd elements and scalars are the only option for a "
+             "[C, HW] tile. Channels-last logits are read with pixel stride C (19: odd), also as scalars.", "",
              "| op | variant | kernel | warps | regs | spill st B | smem B | LDG widths | STG widths | "
              "=1 args | unspecialised regs / LDG |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -196,6 +196,27 @@ def bchw_strides(x):
     return None
 
 
+def pixel_vector_hint(hw, *strides):
+    """(VEC, strides with the batch and channel strides / VEC, hw / VEC) for kernels reading NCHW tiles along the
+    pixels: VEC is 4 or 2 (8 is never needed: see below) when every pixel stride is 1 and hw and the other strides are
+    multiples of it but not all of 16; else 1 and everything unchanged.
+
+    Why: Triton's JIT marks an int argument divisible by 16 only, so a pixel count like CamVid's 45x60 = 2700
+    (= 4 * 675) or its strides leave every pixel-contiguous access a 2-byte scalar (bench/results/aot_sm90.md), and
+    `tl.multiple_of` has no effect on a scalar argument. A kernel that takes VEC as a constexpr and multiplies the
+    quotients back (HW = HW_V * VEC) gives the compiler the divisibility: 8-byte bf16 accesses at HW = 2700. When
+    everything is already a multiple of 16 the JIT's own 16-byte accesses stay (VEC = 1). `strides`: (sb, sc, sp)
+    triples, one per tensor."""
+    triples = [strides[i:i + 3] for i in range(0, len(strides), 3)]
+    values = [hw] + [v for sb, sc, _ in triples for v in (sb, sc)]
+    if any(sp != 1 for _, _, sp in triples) or all(v % 16 == 0 for v in values):
+        return 1, strides, hw
+    vec = next((v for v in (4, 2) if all(x % v == 0 for x in values)), 1)
+    if vec == 1:
+        return 1, strides, hw
+    return vec, tuple(x // vec if i % 3 != 2 else x for i, x in enumerate(strides)), hw // vec
+
+
 def strided_bchw(x):
     """(x, its (batch, channel, pixel) strides): x itself whenever the strides merge (every dense layout),
     else an NCHW-contiguous copy of it."""

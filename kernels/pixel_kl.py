@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _cpp
-from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, needs_grad, next_pow2, strided_bchw,
-                               triton, tl, upcast, use_cpp, use_triton)
+from kernels._dispatch import (eager_cpp, eager_function, empty, empty_like, needs_grad, next_pow2, pixel_vector_hint,
+                               strided_bchw, triton, tl, upcast, use_cpp, use_triton)
 from kernels._grad_scale import scale_grad
 
 
@@ -84,7 +84,16 @@ def _pixel_kl_fwd_kernel(
     C_BLOCK: tl.constexpr,
     HW_BLOCK: tl.constexpr,
     ONE_TILE: tl.constexpr,  # C <= C_BLOCK: the whole class axis stays in registers
+    VEC: tl.constexpr,  # > 1: HW and the batch/channel strides were passed / VEC (_dispatch.pixel_vector_hint)
 ):
+    if VEC > 1:  # multiplied back by a constexpr, so the compiler sees their divisibility: vector accesses
+        HW = HW * VEC
+        s_sb = s_sb * VEC
+        s_sc = s_sc * VEC
+        t_sb = t_sb * VEC
+        t_sc = t_sc * VEC
+        g_sb = g_sb * VEC
+        g_sc = g_sc * VEC
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = blk.to(tl.int64) * HW_BLOCK + tl.arange(0, HW_BLOCK)  # [HW_BLOCK]
@@ -208,11 +217,12 @@ def pixel_kl_forward(student, teacher, valid, temperature, write_grad, weights=N
     kl = empty((b, n_blk), torch.float32, dev)
     g = empty_like(student) if write_grad else s.new_empty(0)  # the student's memory format
     g_strides = strided_bchw(g)[1] if write_grad else s_strides
+    vec, strides, hw_arg = pixel_vector_hint(hw, *s_strides, *t_strides, *g_strides)
     _pixel_kl_fwd_kernel[(n_blk, b)](
-        s, t, v, nvalid, wscale, kl, g if write_grad else s, c, hw, *s_strides, *t_strides, *g_strides,
+        s, t, v, nvalid, wscale, kl, g if write_grad else s, c, hw_arg, *strides,
         1.0 / float(temperature), float(temperature),
         HAS_VALID=valid is not None, HAS_WEIGHTS=weighted, WRITE_GRAD=write_grad, C_BLOCK=c_block,
-        HW_BLOCK=hw_block, ONE_TILE=one_tile, num_warps=8 if c_block * hw_block >= 4096 else 4)
+        HW_BLOCK=hw_block, ONE_TILE=one_tile, VEC=vec, num_warps=8 if c_block * hw_block >= 4096 else 4)
     return _pixel_kl_loss(kl, nvalid, wscale, temperature, weighted), g
 
 

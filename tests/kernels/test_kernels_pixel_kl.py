@@ -128,6 +128,30 @@ def test_pixel_kl_no_valid_pixel_is_zero():
     assert out.item() == 0.0
 
 
+# ---------------------------------------------------------------- HW not a multiple of 16 (issue 12)
+@pytest.mark.parametrize("shape", [(2, 19, 45, 60), (2, 19, 3, 6), (1, 300, 4, 5)], ids=str)  # VEC 4, 2; chunked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pixel_counts_with_a_vector_hint_match_reference(fused, shape, dtype):
+    """HW = 2700 (CamVid's 45x60 features) or 18: the launcher passes HW and the strides / VEC and the kernel
+    multiplies them back; with and without a mask, against float64."""
+    b, c, h, w = shape
+    s, t = randn(*shape, dtype=dtype, scale=3), randn(*shape, dtype=dtype, scale=3)
+    compare(lambda s, t: pixel_kl(s, t, 2.0), lambda s, t: pixel_kl_reference(s, t, 2.0), [s, t])
+    valid = torch.rand(b, h, w, device=DEVICE) > 0.3
+    compare(lambda s, t: pixel_kl(s, t, 1.0, valid, scale=2.0),
+            lambda s, t: 2.0 * pixel_kl_reference(s, t, 1.0, valid), [s, t])
+
+
+def test_vector_hint_rule():
+    from kernels._dispatch import pixel_vector_hint
+    nchw = lambda c, hw: (c * hw, hw, 1)
+    assert pixel_vector_hint(2700, *nchw(19, 2700), *nchw(19, 2700)) == (4, (12825, 675, 1, 12825, 675, 1), 675)
+    assert pixel_vector_hint(18, *nchw(19, 18)) == (2, (171, 9, 1), 9)
+    assert pixel_vector_hint(8192, *nchw(19, 8192)) == (1, nchw(19, 8192), 8192)  # the JIT's 16 already
+    assert pixel_vector_hint(9409, *nchw(19, 9409)) == (1, nchw(19, 9409), 9409)  # odd: nothing to gain
+    assert pixel_vector_hint(2700, 19 * 2700, 1, 19, *nchw(19, 2700))[0] == 1  # a channels-last operand: unchanged
+
+
 # ---------------------------------------------------------------- memory layouts (issue 12)
 @pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
