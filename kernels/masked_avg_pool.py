@@ -61,7 +61,7 @@ def _masked_avg_pool_fwd_kernel(
     sums_ptr,  # [B, S, C, K_PAD] fp32 out: per pixel split, sum of the features of each class
     counts_ptr,  # [B, S, K_PAD] fp32 out: per pixel split, pixels of each class (written by C-block 0)
     a_ptr,  # [B, HW] fp32 per-pixel weights of the feature sums (read when WEIGHTED)
-    e_ptr,  # [B, HW] fp32 per-pixel values summed per class in place of the counts (read when WEIGHTED)
+    e_ptr,  # [B, HW] fp32 per-pixel values summed per class instead of the counts (read when WEIGHTED)
     C,
     HW,
     K,
@@ -233,8 +233,8 @@ def class_sums(feat, labels, num_classes, ignore_index, a=None, e=None):
 
 def inverse_norms(feat):
     """1 / max(||f[b, :, hw]||, EPS) [B, H*W] fp32: one reading pass over the features, in place (torch)."""
-    n = torch.linalg.vector_norm(feat, dim=1, dtype=torch.float32)  # [B, H, W]
-    return n.clamp_min(EPS).reciprocal().reshape(feat.shape[0], -1)
+    n = torch.linalg.vector_norm(feat, dim=1, dtype=torch.float64 if feat.dtype == torch.float64 else torch.float32)
+    return n.clamp_min(EPS).reciprocal().reshape(feat.shape[0], -1).float()  # [B, H*W]
 
 
 def masked_avg_pool_forward(feat, labels, num_classes, ignore_index, normalize=False):
@@ -274,10 +274,13 @@ def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype
     hw = y[0].numel()
     k = counts.shape[1]
     gp = (grad_protos.float() / counts.clamp_min(1)[..., None]).contiguous()  # [B, K, C]
-    g = empty(feat_shape, feat_dtype, y.device, _memory_format(channels_last))
-    if use_cpp("masked_avg_pool", y):
+    cpp = use_cpp("masked_avg_pool", y)
+    # the C++ path projects through the normalisation in torch afterwards: gather q in fp32, not rounded to 16 bits
+    g = empty(feat_shape, torch.float32 if cpp and feat is not None else feat_dtype, y.device,
+              _memory_format(channels_last))
+    if cpp:
         _cpp.ops().class_gather(_cpp.labels(y), gp, int(ignore_index), g)
-        return g if feat is None else _through_normalisation(feat, g)
+        return g if feat is None else _through_normalisation(feat, g).to(feat_dtype)
     if feat is not None:
         f, f_strides = strided_bchw(feat)
         c_block, hw_block = min(32, next_pow2(c)), 64
@@ -294,11 +297,12 @@ def masked_avg_pool_backward(grad_protos, labels, counts, feat_shape, feat_dtype
 def _through_normalisation(feat, q):
     """dL/df = q / n - [||f|| > EPS] f (f . q) / n^3 in torch, from q = dL/d(f / n) (the C++ path's normalize=True
     backward: the gather runs in C++, this projection in plain torch)."""
-    f = feat.float()
+    f = upcast(feat)
+    q = q.to(f.dtype)
     norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
     inv = norm.clamp_min(EPS).reciprocal()
-    r = torch.where(norm > EPS, (f * q.float()).sum(1, keepdim=True) * inv.pow(3), 0.0)
-    return (q.float() * inv - f * r).to(q.dtype)
+    r = torch.where(norm > EPS, (f * q).sum(1, keepdim=True) * inv.pow(3), 0.0)
+    return q * inv - f * r
 
 
 def _memory_format(channels_last):

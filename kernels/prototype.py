@@ -553,6 +553,8 @@ def prototype_ce(feat, protos, present, labels, tau, ignore_index=255, scale=Non
                          f"{labels.dtype} {tuple(labels.shape)} for features {tuple(feat.shape)}")
     if scale is not None and not torch.is_tensor(scale):
         scale = torch.full((), float(scale), dtype=torch.float32, device=feat.device)
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"prototype_ce: scale must be a number or a one-element tensor, got {tuple(scale.shape)}")
     if not use_triton(feat, protos) or (scale is not None and needs_grad(scale)):
         return prototype_ce_reference(feat, protos, present, labels, tau, ignore_index, scale)
     b, k = protos.shape[:2]

@@ -185,10 +185,13 @@ def test_normalised_layouts_match_reference_and_are_read_in_place(fused, dtype, 
     assert f.shape not in copies and f.grad.stride() == f.stride()
 
 
-def test_normalised_gradient_is_orthogonal_to_each_pixel():
-    """d/df of a function of f / ||f|| is orthogonal to f at every pixel (scaling f changes nothing)."""
-    f = randn(2, 16, 5, 7).double().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_normalised_gradient_is_orthogonal_to_each_pixel(fused, dtype):
+    """d/df of a function of f / ||f|| is orthogonal to f at every pixel (scaling f changes nothing); float64
+    features are accepted on every path (computed in fp32 by the kernels)."""
+    f = randn(2, 16, 5, 7).to(dtype).requires_grad_()
     lab = labels_for(2, 5, 7, 19)
     protos, _ = masked_avg_pool(f, lab, 19, normalize=True)
-    (protos * randn(2, 19, 16).double()).sum().backward()
-    assert (f.grad * f.detach()).sum(1).abs().max() < 1e-12
+    (protos * randn(2, 19, 16).to(dtype)).sum().backward()
+    cos = (f.grad * f.detach()).sum(1) / (f.grad.norm(dim=1) * f.detach().norm(dim=1)).clamp_min(1e-30)
+    assert cos.abs().max() < 1e-5, cos.abs().max()
