@@ -145,13 +145,14 @@ def _ifvd(cs, ct, h, w, k):
     return run
 
 
-def _upsampled_ce(k, h, w, channels_last=False):
-    x = meta(B, k, h, w, channels_last=channels_last)
+def _upsampled_ce(k, h, w, channels_last=False, align_corners=False, dtype=BF16):
+    x = meta(B, k, h, w, channels_last=channels_last, dtype=dtype)
     lab = torch.empty(B, 8 * h, 8 * w, dtype=torch.int64, device="meta")  # labels at the 512x1024 input size
 
     def run():
-        loss, n_valid = upsampled_ce.upsampled_cross_entropy_forward(x, lab, 255)
-        upsampled_ce.upsampled_cross_entropy_backward(x, lab, n_valid, torch.ones((), device="meta"), 255)
+        loss, n_valid = upsampled_ce.upsampled_cross_entropy_forward(x, lab, 255, align_corners)
+        upsampled_ce.upsampled_cross_entropy_backward(x, lab, n_valid, torch.ones((), device="meta"), 255,
+                                                      align_corners)
     return run
 
 
@@ -196,6 +197,8 @@ VARIANTS = [
     ("upsampled_ce", "K=19 64x128 -> 512x1024 NCHW", _upsampled_ce(19, 64, 128)),
     ("upsampled_ce", "K=19 64x128 -> 512x1024 channels-last", _upsampled_ce(19, 64, 128, channels_last=True)),
     ("upsampled_ce", "K=150 64x64 -> 512x512 NCHW", _upsampled_ce(150, 64, 64)),
+    ("upsampled_ce", "K=19 64x128 -> 512x1024 fp32 align_corners (apd code L_t)",
+     _upsampled_ce(19, 64, 128, align_corners=True, dtype=torch.float32)),
 ]
 
 

@@ -12,6 +12,8 @@ gradient when V is empty (F.cross_entropy returns NaN then).
 
 Interpolation is PyTorch's align_corners=False rule, per axis with in/out = h/H (w/W):
 src = max((dst + 0.5) * in/out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, in - 1), weights (1 - (src - i0), src - i0);
+with align_corners=True (how APD's released code upsamples its L_t logits; Triton and torch paths only),
+src = dst * (in - 1)/(out - 1) (0 when out == 1), the rest alike;
 z = wy0 * (wx0 x00 + wx1 x01) + wy1 * (wx0 x10 + wx1 x11). It holds for any H, W (not only multiples of h, w;
 H == h is the identity; H < h a 2-tap downsampling).
 
@@ -54,11 +56,12 @@ from kernels._dispatch import (DOT_PRECISION, eager_cpp, eager_function, empty, 
                                triton, tl, upcast, use_cpp, use_triton)
 
 
-def upsampled_cross_entropy_reference(logits, labels, ignore_index=255):
+def upsampled_cross_entropy_reference(logits, labels, ignore_index=255, align_corners=False):
     """logits [B, K, h, w], labels [B, H, W] integer. The plain-torch formula of the module docstring; returns a
     float32 scalar (computed in float64 for float64 logits)."""
     k = logits.shape[1]
-    z = F.interpolate(upcast(logits), size=labels.shape[-2:], mode="bilinear", align_corners=False)  # [B, K, H, W]
+    z = F.interpolate(upcast(logits), size=labels.shape[-2:], mode="bilinear",
+                      align_corners=align_corners)  # [B, K, H, W]
     lab = labels.long()
     valid = (lab >= 0) & (lab < k) & (lab != ignore_index)  # [B, H, W]
     total = F.cross_entropy(z, torch.where(valid, lab, ignore_index), ignore_index=ignore_index, reduction="sum")
@@ -66,10 +69,13 @@ def upsampled_cross_entropy_reference(logits, labels, ignore_index=255):
 
 
 @triton.jit
-def _source(dst, scale, n_in):
-    """PyTorch's align_corners=False source of output index dst: (lower neighbour, upper neighbour, weight of the
-    upper one). dst: int tensor or scalar; scale = in/out."""
-    src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+def _source(dst, scale, n_in, ALIGN_CORNERS: tl.constexpr):
+    """PyTorch's source of output index dst: (lower neighbour, upper neighbour, weight of the upper one). dst: int
+    tensor or scalar; scale = in/out, or (in - 1)/(out - 1) (0 when out == 1) with align_corners."""
+    if ALIGN_CORNERS:
+        src = dst.to(tl.float32) * scale
+    else:
+        src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
     i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0: truncation is floor
     i1 = tl.minimum(i0 + 1, n_in - 1)
     return i0, i1, src - i0.to(tl.float32)
@@ -97,10 +103,11 @@ def _upsampled_ce_fwd_kernel(
     K, h, w, H, W,
     ignore_index,
     x_sb, x_sc, x_sp,
-    scale_h,  # h / H
-    scale_w,  # w / W
+    scale_h,  # h / H ((h - 1) / (H - 1) with ALIGN_CORNERS)
+    scale_w,  # w / W (likewise)
     K_BLOCK: tl.constexpr,
     P_BLOCK: tl.constexpr,
+    ALIGN_CORNERS: tl.constexpr,
 ):
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -108,8 +115,8 @@ def _upsampled_ce_fwd_kernel(
     in_p = p < H * W
     y = tl.load(y_ptr + b * H * W + p, mask=in_p, other=-1).to(tl.int32)
     valid = in_p & (y >= 0) & (y < K) & (y != ignore_index)
-    y0, y1, wy = _source(p // W, scale_h, h)
-    x0, x1, wx = _source(p % W, scale_w, w)
+    y0, y1, wy = _source(p // W, scale_h, h, ALIGN_CORNERS)
+    x0, x1, wx = _source(p % W, scale_w, w, ALIGN_CORNERS)
     q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, P_BLOCK]
     q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
     q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
@@ -145,16 +152,17 @@ def _upsampled_ce_bwd_kernel(
     ignore_index,
     x_sb, x_sc, x_sp,
     g_sb, g_sc, g_sp,
-    scale_h,  # h / H
-    scale_w,  # w / W
-    inv_h,  # H / h
-    inv_w,  # W / w
+    scale_h,  # h / H ((h - 1) / (H - 1) with ALIGN_CORNERS)
+    scale_w,  # w / W (likewise)
+    inv_h,  # H / h ((H - 1) / (h - 1) with ALIGN_CORNERS, H when h == 1)
+    inv_w,  # W / w (likewise)
     K_BLOCK: tl.constexpr,
     TH: tl.constexpr,  # low-res rows per tile
     TW: tl.constexpr,  # low-res columns per tile
     OW: tl.constexpr,  # output pixels per row segment
     ONE_CHUNK: tl.constexpr,  # K <= K_BLOCK: the log-sum-exp comes from the chunk's own tile
     PRECISION: tl.constexpr,
+    ALIGN_CORNERS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kc = tl.program_id(1)
@@ -170,20 +178,27 @@ def _upsampled_ce_bwd_kernel(
     g_scale = tl.load(scale_ptr)
     # Output rows whose lower neighbour lies in [i0 - 1, i0 + TH - 1] (those alone can weight the tile): from
     # src = (o + 0.5) * in/out - 0.5, widened by one on each side against rounding. Likewise the columns.
-    oy_lo = tl.where(i0 >= 2, tl.maximum(tl.floor((i0 - 0.5) * inv_h - 0.5).to(tl.int32) - 1, 0), 0)
-    oy_hi = tl.minimum(tl.ceil((i0 + TH + 0.5) * inv_h - 0.5).to(tl.int32) + 1, H)
-    ox_lo = tl.where(j0 >= 2, tl.maximum(tl.floor((j0 - 0.5) * inv_w - 0.5).to(tl.int32) - 1, 0), 0)
-    ox_hi = tl.minimum(tl.ceil((j0 + TW + 0.5) * inv_w - 0.5).to(tl.int32) + 1, W)
+    if ALIGN_CORNERS:  # src = o * (in - 1)/(out - 1): the rows with i0 - 1 <= src < i0 + TH, widened likewise
+        oy_lo = tl.maximum(tl.floor((i0 - 1) * inv_h).to(tl.int32) - 1, 0)
+        oy_hi = tl.minimum(tl.ceil((i0 + TH) * inv_h).to(tl.int32) + 1, H)
+        ox_lo = tl.maximum(tl.floor((j0 - 1) * inv_w).to(tl.int32) - 1, 0)
+        ox_hi = tl.minimum(tl.ceil((j0 + TW) * inv_w).to(tl.int32) + 1, W)
+    else:
+        oy_lo = tl.where(i0 >= 2, tl.maximum(tl.floor((i0 - 0.5) * inv_h - 0.5).to(tl.int32) - 1, 0), 0)
+        oy_hi = tl.minimum(tl.ceil((i0 + TH + 0.5) * inv_h - 0.5).to(tl.int32) + 1, H)
+        ox_lo = tl.where(j0 >= 2, tl.maximum(tl.floor((j0 - 0.5) * inv_w - 0.5).to(tl.int32) - 1, 0), 0)
+        ox_hi = tl.minimum(tl.ceil((j0 + TW + 0.5) * inv_w - 0.5).to(tl.int32) + 1, W)
     acc = tl.zeros([K_BLOCK, TH, TW], tl.float32)
     for oy in range(oy_lo, oy_hi):
-        y0, y1, wy = _source(tl.zeros([1], tl.int32) + oy, scale_h, h)  # [1] each (oy is a plain int interpreted)
+        y0, y1, wy = _source(tl.zeros([1], tl.int32) + oy, scale_h, h, ALIGN_CORNERS)  # [1] each (oy: a plain int
+        # when interpreted)
         w_row = tl.where(ti == y0, 1.0 - wy, 0.0) + tl.where(ti == y1, wy, 0.0)  # [TH] (both when y0 == y1)
         for ox0 in range(ox_lo, ox_hi, OW):
             ox = ox0 + tl.arange(0, OW)  # [OW]
             in_p = ox < ox_hi
             lab = tl.load(y_ptr + (b * H + oy) * W + ox, mask=in_p, other=-1).to(tl.int32)
             valid = in_p & (lab >= 0) & (lab < K) & (lab != ignore_index)
-            x0, x1, wx = _source(ox, scale_w, w)
+            x0, x1, wx = _source(ox, scale_w, w, ALIGN_CORNERS)
             q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, OW]
             q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
             q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
@@ -247,11 +262,22 @@ def _geometry(logits, labels):
     return x, strides, b, k, h, w, hh, ww
 
 
-def upsampled_cross_entropy_forward(logits, labels, ignore_index):
+def _scales(h, w, hh, ww, align_corners):
+    """(scale_h, scale_w, inv_h, inv_w): in/out and out/in per axis, or with align_corners (in - 1)/(out - 1) (0 when
+    out == 1, as PyTorch) and (out - 1)/(in - 1) (out when in == 1: every output row then reads row 0)."""
+    if not align_corners:
+        return h / hh, w / ww, hh / h, ww / w
+    fwd = lambda n_in, n_out: (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    inv = lambda n_in, n_out: (n_out - 1) / (n_in - 1) if n_in > 1 else float(n_out)
+    return fwd(h, hh), fwd(w, ww), inv(h, hh), inv(w, ww)
+
+
+def upsampled_cross_entropy_forward(logits, labels, ignore_index, align_corners=False):
     """Launch the forward kernel. Returns (loss [] fp32, |V| [] fp32), both on the device."""
     x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
     y = labels.contiguous()
-    cpp = use_cpp("upsampled_cross_entropy", x)  # the C++ kernel (csrc/) in place of the Triton launch
+    # the C++ kernel (csrc/) in place of the Triton launch; it has align_corners=False's rule only
+    cpp = use_cpp("upsampled_cross_entropy", x) and not align_corners
     k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
     p_block = CPP_BLOCK if cpp else min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
     n_blk = -(-hh * ww // p_block)  # not triton.cdiv: the C++ path runs without triton
@@ -261,13 +287,14 @@ def upsampled_cross_entropy_forward(logits, labels, ignore_index):
         _cpp.ops().upsampled_ce(x, _cpp.labels(y), int(ignore_index), loss, count, CPP_BLOCK)
     else:
         _upsampled_ce_fwd_kernel[(n_blk, b)](
-            x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, h / hh, w / ww,
-            K_BLOCK=k_block, P_BLOCK=p_block, num_warps=8 if k_block * p_block >= 2048 else 4)
+            x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, *_scales(h, w, hh, ww, align_corners)[:2],
+            K_BLOCK=k_block, P_BLOCK=p_block, ALIGN_CORNERS=bool(align_corners),
+            num_warps=8 if k_block * p_block >= 2048 else 4)
     n_valid = count.sum()  # fixed-order sums of the partials: deterministic
     return loss.sum() / n_valid.clamp_min(1.0), n_valid
 
 
-def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index):
+def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index, align_corners=False):
     """Launch the backward kernel: dL/dlogits [B, K, h, w] in the logits' dtype and layout, scaled by grad_loss (a
     0-dim device tensor, never read on the host)."""
     x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
@@ -276,42 +303,43 @@ def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_
     k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
     scale = (grad_loss.float() / n_valid.clamp_min(1.0)).reshape(())
     g = empty_like(logits)  # the logits' memory format
-    if use_cpp("upsampled_cross_entropy", x):
+    if use_cpp("upsampled_cross_entropy", x) and not align_corners:
         _cpp.ops().upsampled_ce_backward(x, _cpp.labels(y), scale, int(ignore_index), g)
         return g
     n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
     _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
-        x, y, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strided_bchw(g)[1], h / hh, w / ww,
-        hh / h, ww / w, K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block, PRECISION=DOT_PRECISION,
-        num_warps=8)
+        x, y, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strided_bchw(g)[1],
+        *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block,
+        PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), num_warps=8)
     return g
 
 
 @torch.library.custom_op("segkd::upsampled_cross_entropy", mutates_args=())
-def _upsampled_ce_op(logits: torch.Tensor, labels: torch.Tensor,
-                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return upsampled_cross_entropy_forward(logits, labels, ignore_index)
+def _upsampled_ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                     align_corners: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return upsampled_cross_entropy_forward(logits, labels, ignore_index, align_corners)
 
 
 @_upsampled_ce_op.register_fake
-def _(logits, labels, ignore_index):
+def _(logits, labels, ignore_index, align_corners=False):
     return logits.new_empty((), dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("segkd::upsampled_cross_entropy_backward", mutates_args=())
 def _upsampled_ce_backward_op(logits: torch.Tensor, labels: torch.Tensor, n_valid: torch.Tensor,
-                              grad_loss: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index)
+                              grad_loss: torch.Tensor, ignore_index: int, align_corners: bool = False) -> torch.Tensor:
+    return upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index, align_corners)
 
 
 @_upsampled_ce_backward_op.register_fake
-def _(logits, labels, n_valid, grad_loss, ignore_index):
+def _(logits, labels, n_valid, grad_loss, ignore_index, align_corners=False):
     return empty_like(logits, poison=False)  # as the launcher
 
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    logits, labels, ignore_index = inputs
+    logits, labels, ignore_index, *rest = inputs
+    ctx.align_corners = bool(rest and rest[0])
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(logits, labels, output[1])  # the backward recomputes everything else
     ctx.ignore_index = ignore_index
@@ -319,22 +347,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_n_valid):
     if grad_loss is None:
-        return None, None, None
+        return None, None, None, None
     logits, labels, n_valid = ctx.saved_tensors
     backward = upsampled_cross_entropy_backward if eager_cpp(logits) else _upsampled_ce_backward_op  # see eager_cpp
-    return backward(logits, labels, n_valid, grad_loss, ctx.ignore_index), None, None
+    return backward(logits, labels, n_valid, grad_loss, ctx.ignore_index, ctx.align_corners), None, None, None
 
 
 _upsampled_ce_op.register_autograd(_backward, setup_context=_setup_context)
 _UpsampledCeEager = eager_function(upsampled_cross_entropy_forward, _setup_context, _backward)  # see eager_cpp
 
 
-def upsampled_cross_entropy(logits, labels, ignore_index=255):
+def upsampled_cross_entropy(logits, labels, ignore_index=255, align_corners=False):
     """Cross-entropy of bilinearly upsampled logits [B, K, h, w] against labels [B, H, W]: mean over the valid
-    pixels, 0 when there are none; see the module docstring. Returns a float32 scalar.
+    pixels, 0 when there are none; see the module docstring. Returns a float32 scalar. align_corners: F.interpolate's
+    (True: src = dst * (in - 1)/(out - 1), the rule APD's released code upsamples with).
 
     Fused kernels when `kernels._dispatch.use_triton` says so, the C++ ones (csrc/) under SEGKD_KERNELS=cuda (float64
-    logits, the tests' ground truth, always take the torch reference)."""
+    logits, the tests' ground truth, always take the torch reference). The C++ kernels have align_corners=False's
+    rule only: with align_corners=True, SEGKD_KERNELS=cuda runs Triton on CUDA tensors and the reference on CPU
+    ones."""
     if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"upsampled_cross_entropy: logits {tuple(logits.shape)} must be [B, K, h, w] and labels "
                          f"{tuple(labels.shape)} [B, H, W] with the same B")
@@ -343,8 +374,11 @@ def upsampled_cross_entropy(logits, labels, ignore_index=255):
     if 0 in logits.shape[1:] or 0 in labels.shape[1:]:
         raise ValueError(f"upsampled_cross_entropy: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
                          "need at least one class and one pixel")
-    fused = use_cpp("upsampled_cross_entropy", logits) or use_triton(logits, labels, op="upsampled_cross_entropy")
+    if align_corners:  # Triton only (see above)
+        fused, op = use_triton(logits, labels), _upsampled_ce_op
+    else:
+        fused = use_cpp("upsampled_cross_entropy", logits) or use_triton(logits, labels, op="upsampled_cross_entropy")
+        op = _UpsampledCeEager.apply if eager_cpp(logits) else _upsampled_ce_op
     if not fused or logits.dtype == torch.float64:
-        return upsampled_cross_entropy_reference(logits, labels, ignore_index)
-    op = _UpsampledCeEager.apply if eager_cpp(logits) else _upsampled_ce_op
-    return op(logits, labels, int(ignore_index))[0]
+        return upsampled_cross_entropy_reference(logits, labels, ignore_index, align_corners)
+    return op(logits, labels, int(ignore_index), bool(align_corners))[0]

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from engine.methods.base import KD_UNITS, Method, labels_at, logit_kd, segmentation_ce
+from engine.methods.base import KD_UNITS, Method, labels_at, logit_kd
 from engine.settings import at_least, one_of, positive, setting
 
 CONVENTIONS = ("paper", "code")
@@ -176,7 +176,8 @@ class APD(Method):
 
         logits_t = kernels.prototype_logits(f_t, a_t_b, present_b, tau)  # [B, K, h, w], ABSENT where absent
         logits_t = logits_t.masked_fill(~present[:, None, None], 0.0)  # absent classes: 0, as the code
-        l_t = segmentation_ce(upsample(logits_t, full_labels.shape[-2:]), full_labels, self.ignore_index)
+        # upsampled (align_corners=True) inside the fused CE: the label-size logits are never written
+        l_t = kernels.upsampled_cross_entropy(logits_t, full_labels, self.ignore_index, align_corners=True)
 
         cos = F.cosine_similarity(a_s, a_t.detach(), dim=1, eps=1e-6)  # [K]
         l_rec = 0.5 * ((1 - cos) * present).sum() / n_present

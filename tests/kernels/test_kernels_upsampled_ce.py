@@ -257,3 +257,41 @@ def test_exported():
 def test_larger_shapes(fused, k, dtype):
     fn, ref = ce(make_labels(2, k, 64, 128, seed=k))
     compare(fn, ref, [randn(2, k, 8, 16, dtype=dtype, scale=4)])
+
+
+# ---------------------------------------------------------------- align_corners=True (APD's code convention, issue 12)
+AC_SHAPES = SHAPES + [(2, 19, 1, 7, 8, 9), (1, 19, 5, 7, 1, 9), (1, 21, 8, 8, 8, 8)]  # h == 1, H == 1, identity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", AC_SHAPES, ids=str)
+def test_align_corners_matches_reference(fused, shape, dtype):
+    """align_corners=True against F.interpolate(..., align_corners=True) + cross-entropy in float64; the C++ backend
+    has no such rule, so SEGKD_KERNELS=cuda takes the reference on CPU tensors (and Triton on CUDA ones)."""
+    b, k, h, w, hh, ww = shape
+    lab = make_labels(b, k, hh, ww, seed=k)
+    compare(lambda x: upsampled_cross_entropy(x, lab, 255, align_corners=True),
+            lambda x: upsampled_cross_entropy_reference(x, lab, 255, align_corners=True),
+            [randn(b, k, h, w, dtype=dtype, scale=3)])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_align_corners_small_tiles_and_layouts(tiles, layout, monkeypatch):
+    """Every loop of the Triton kernels (class chunks, several backward tiles and row segments) with the
+    align-corners rule, and both layouts read in place."""
+    from kernel_testing import force_backend
+
+    force_backend("triton", monkeypatch)
+    b, k, h, w, hh, ww = 1, 19, 5, 18, 11, 37
+    lab = make_labels(b, k, hh, ww, seed=2)
+    x = laid_out(randn(b, k, h, w, scale=3), layout)
+    _, (g,) = compare(lambda x: upsampled_cross_entropy(x, lab, 255, align_corners=True),
+                      lambda x: upsampled_cross_entropy_reference(x, lab, 255, align_corners=True), [x])
+    assert g.stride() == x.stride()
+
+
+def test_align_corners_is_not_the_default_rule():
+    """The two rules differ (a test that passes with the flag ignored would prove nothing)."""
+    x, lab = randn(1, 19, 5, 7, scale=3), make_labels(1, 19, 17, 23)
+    a = upsampled_cross_entropy_reference(x, lab, 255, align_corners=True)
+    assert abs(a.item() - upsampled_cross_entropy_reference(x, lab, 255).item()) > 1e-3
