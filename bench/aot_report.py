@@ -156,6 +156,15 @@ def _upsampled_ce(k, h, w, channels_last=False, align_corners=False, dtype=BF16)
     return run
 
 
+def _upsampled_kd(k, h, w):
+    s = meta(B, k, h, w, channels_last=True)
+
+    def run():
+        loss, n = upsampled_ce.upsampled_pixel_kl_forward(s, s, 8 * h, 8 * w, 1.0, 1.0, True)
+        upsampled_ce.upsampled_pixel_kl_backward(s, s, 8 * h, 8 * w, n, torch.ones((), device="meta"), 1.0, 1.0, True)
+    return run
+
+
 def _grad_scale_of(c, h, w):
     g = meta(B, c, h, w)
     # The custom op's eager body: calling the op on meta tensors would dispatch to its fake (no launch).
@@ -199,6 +208,8 @@ VARIANTS = [
     ("upsampled_ce", "K=150 64x64 -> 512x512 NCHW", _upsampled_ce(150, 64, 64)),
     ("upsampled_ce", "K=19 64x128 -> 512x1024 fp32 align_corners (apd code L_t)",
      _upsampled_ce(19, 64, 128, align_corners=True, dtype=torch.float32)),
+    ("upsampled_pixel_kl", "K=19 64x128 -> 512x1024 channels-last align_corners (apd code L_kd)",
+     _upsampled_kd(19, 64, 128)),
 ]
 
 

@@ -137,7 +137,7 @@ from kernels.channel_kl import channel_kl_reference  # noqa: E402
 from kernels.ifvd import class_centre_mse_reference  # noqa: E402
 from kernels.masked_avg_pool import masked_avg_pool_reference  # noqa: E402
 from kernels.pairwise import pairwise_similarity_reference  # noqa: E402
-from kernels.upsampled_ce import upsampled_cross_entropy_reference  # noqa: E402
+from kernels.upsampled_ce import upsampled_cross_entropy_reference, upsampled_pixel_kl_reference  # noqa: E402
 from kernels.pixel_kl import pixel_kl_reference  # noqa: E402
 from kernels.prototype import prototype_ce_reference, prototype_kl_reference, prototype_logits_reference  # noqa: E402
 
@@ -445,6 +445,9 @@ def op_cases(z, device):
         ("upsampled_cross_entropy", f"apd code L_t {b}x{k}x{hw} -> x8 labels, align_corners", task,
          lambda x, y: kernels.upsampled_cross_entropy(x, y, align_corners=True),
          lambda x, y: upsampled_cross_entropy_reference(x, y, 255, True), (0,)),
+        ("upsampled_pixel_kl", f"apd code L_kd {b}x{k}x{hw} -> x8, T=2, align_corners", pair(k, 3),
+         lambda s, t: kernels.upsampled_pixel_kl(s, t, (8 * h, 8 * w), 2.0, align_corners=True),
+         lambda s, t: upsampled_pixel_kl_reference(s, t, (8 * h, 8 * w), 2.0, 1.0, True), (0,)),
         ("pairwise_similarity_loss", f"skd features {b}x{z.dec}|{z.feat}x{ph}x{pw} (pooled 2x2)", skd,
          kernels.pairwise_similarity_loss, pairwise_similarity_reference, (0,)),
         ("class_centre_mse", f"ifvd decoder {b}x{z.dec}|{z.feat}x{hw}, K={k}", ifvd,

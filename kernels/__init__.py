@@ -15,10 +15,11 @@ from kernels.masked_avg_pool import masked_avg_pool
 from kernels.pairwise import pairwise_similarity_loss
 from kernels.pixel_kl import pixel_kl
 from kernels.prototype import prototype_ce, prototype_kl, prototype_logits
-from kernels.upsampled_ce import upsampled_cross_entropy
+from kernels.upsampled_ce import upsampled_cross_entropy, upsampled_pixel_kl
 
 # the loss ops (what a method or the task loss calls), and the inference ops of the frozen teacher's forward
 LOSS_OPS = ("pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "bn_stat_distance", "prototype_logits",
-            "prototype_ce", "prototype_kl", "pairwise_similarity_loss", "class_centre_mse", "upsampled_cross_entropy")
+            "prototype_ce", "prototype_kl", "pairwise_similarity_loss", "class_centre_mse", "upsampled_cross_entropy",
+            "upsampled_pixel_kl")
 INFERENCE_OPS = ("conv_bias_relu",)
 __all__ = [*LOSS_OPS, *INFERENCE_OPS]

@@ -97,46 +97,76 @@ def _interpolate(
 @triton.jit
 def _upsampled_ce_fwd_kernel(
     x_ptr,  # [B, K, h*w] logits, element strides (x_sb, x_sc, x_sp)
-    y_ptr,  # [B, H*W] integer labels
+    y_ptr,  # [B, H*W] integer labels (read unless KD)
+    t_ptr,  # [B, K, h*w] teacher logits, element strides (t_sb, t_sc, t_sp) (read when KD)
     loss_ptr,  # [B, n_blocks] fp32 out: sum of the per-pixel losses over each block's valid pixels
     count_ptr,  # [B, n_blocks] fp32 out: valid pixels of each block
     K, h, w, H, W,
     ignore_index,
     x_sb, x_sc, x_sp,
+    t_sb, t_sc, t_sp,
+    inv_temp,  # KD: 1 / T
     scale_h,  # h / H ((h - 1) / (H - 1) with ALIGN_CORNERS)
     scale_w,  # w / W (likewise)
     K_BLOCK: tl.constexpr,
     P_BLOCK: tl.constexpr,
     ALIGN_CORNERS: tl.constexpr,
+    KD: tl.constexpr,  # KL(softmax(t/T) || softmax(x/T)) per output pixel (every pixel valid) instead of the CE
 ):
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = blk.to(tl.int64) * P_BLOCK + tl.arange(0, P_BLOCK)  # [P_BLOCK] output pixels
     in_p = p < H * W
-    y = tl.load(y_ptr + b * H * W + p, mask=in_p, other=-1).to(tl.int32)
-    valid = in_p & (y >= 0) & (y < K) & (y != ignore_index)
+    if KD:
+        y = tl.full([P_BLOCK], -1, tl.int32)
+        valid = in_p
+    else:
+        y = tl.load(y_ptr + b * H * W + p, mask=in_p, other=-1).to(tl.int32)
+        valid = in_p & (y >= 0) & (y < K) & (y != ignore_index)
     y0, y1, wy = _source(p // W, scale_h, h, ALIGN_CORNERS)
     x0, x1, wx = _source(p % W, scale_w, w, ALIGN_CORNERS)
-    q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, P_BLOCK]
-    q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
-    q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
-    q11 = ((y1 * w + x1).to(tl.int64) * x_sp)[None, :]
+    i00 = (y0 * w + x0).to(tl.int64)[None, :]  # [1, P_BLOCK] low-res pixel indices of the four neighbours
+    i01 = (y0 * w + x1).to(tl.int64)[None, :]
+    i10 = (y1 * w + x0).to(tl.int64)[None, :]
+    i11 = (y1 * w + x1).to(tl.int64)[None, :]
+    q00 = i00 * x_sp
+    q01 = i01 * x_sp
+    q10 = i10 * x_sp
+    q11 = i11 * x_sp
     k_idx = tl.arange(0, K_BLOCK)
     # Online log-sum-exp over the class chunks (m: running max, s: sum of exp(z - m)) and the target logit.
     m = tl.full([P_BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([P_BLOCK], tl.float32)
     z_y = tl.zeros([P_BLOCK], tl.float32)
+    # KD: the teacher's online max and sum of exp, and a = sum_k exp(zt - mt) (zt - z), rescaled alike, so that
+    # KL = a / st - (mt + log st) + (m + log s) in the same single pass over the classes
+    mt = tl.full([P_BLOCK], float("-inf"), tl.float32)
+    st = tl.zeros([P_BLOCK], tl.float32)
+    a = tl.zeros([P_BLOCK], tl.float32)
     for k0 in range(0, K, K_BLOCK):
         k = k0 + k_idx
         in_k = k < K
         z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
                          q00, q01, q10, q11, wx[None, :], wy[None, :])  # [K_BLOCK, P_BLOCK]
+        if KD:
+            z = z * inv_temp
+            zt = _interpolate(t_ptr, b * t_sb + k[:, None].to(tl.int64) * t_sc, in_k[:, None] & in_p[None, :],
+                              i00 * t_sp, i01 * t_sp, i10 * t_sp, i11 * t_sp, wx[None, :], wy[None, :]) * inv_temp
+            zt = tl.where(in_k[:, None], zt, -1e30)
+            mt_new = tl.maximum(mt, tl.max(zt, axis=0))
+            et = tl.exp(zt - mt_new[None, :])  # 0 for padded classes
+            a = a * tl.exp(mt - mt_new) + tl.sum(et * tl.where(in_k[:, None], zt - z, 0.0), axis=0)
+            st = st * tl.exp(mt - mt_new) + tl.sum(et, axis=0)
+            mt = mt_new
         z = tl.where(in_k[:, None], z, -1e30)  # padded classes: finite, so no inf - inf, and exp() = 0
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), axis=0)
         m = m_new
         z_y += tl.sum(tl.where(k[:, None] == y[None, :], z, 0.0), axis=0)
-    loss = tl.log(s) + m - z_y  # [P_BLOCK]
+    if KD:
+        loss = a / st - (mt + tl.log(st)) + (m + tl.log(s))
+    else:
+        loss = tl.log(s) + m - z_y  # [P_BLOCK]
     out = b * tl.num_programs(0) + blk
     tl.store(loss_ptr + out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
     tl.store(count_ptr + out, tl.sum(valid.to(tl.float32), axis=0))
@@ -145,13 +175,16 @@ def _upsampled_ce_fwd_kernel(
 @triton.jit
 def _upsampled_ce_bwd_kernel(
     x_ptr,  # [B, K, h*w] logits, element strides (x_sb, x_sc, x_sp)
-    y_ptr,  # [B, H*W] integer labels
-    scale_ptr,  # [] fp32: grad_output / max(|V|, 1)
+    y_ptr,  # [B, H*W] integer labels (read unless KD)
+    t_ptr,  # [B, K, h*w] teacher logits, element strides (t_sb, t_sc, t_sp) (read when KD)
+    scale_ptr,  # [] fp32: grad_output / max(|V|, 1) (KD: times T and the loss's scale)
     g_ptr,  # [B, K, h*w] out (logits' dtype, strides g_sb, g_sc, g_sp): dL/dlogits
     K, h, w, H, W,
     ignore_index,
     x_sb, x_sc, x_sp,
+    t_sb, t_sc, t_sp,
     g_sb, g_sc, g_sp,
+    inv_temp,  # KD: 1 / T
     scale_h,  # h / H ((h - 1) / (H - 1) with ALIGN_CORNERS)
     scale_w,  # w / W (likewise)
     inv_h,  # H / h ((H - 1) / (h - 1) with ALIGN_CORNERS, H when h == 1)
@@ -163,6 +196,7 @@ def _upsampled_ce_bwd_kernel(
     ONE_CHUNK: tl.constexpr,  # K <= K_BLOCK: the log-sum-exp comes from the chunk's own tile
     PRECISION: tl.constexpr,
     ALIGN_CORNERS: tl.constexpr,
+    KD: tl.constexpr,  # dL/dz = (softmax(z/T) - softmax(zt/T)) on every pixel instead of (softmax(z) - onehot(y))
 ):
     tile = tl.program_id(0)
     kc = tl.program_id(1)
@@ -196,38 +230,44 @@ def _upsampled_ce_bwd_kernel(
         for ox0 in range(ox_lo, ox_hi, OW):
             ox = ox0 + tl.arange(0, OW)  # [OW]
             in_p = ox < ox_hi
-            lab = tl.load(y_ptr + (b * H + oy) * W + ox, mask=in_p, other=-1).to(tl.int32)
-            valid = in_p & (lab >= 0) & (lab < K) & (lab != ignore_index)
+            if KD:
+                lab = tl.full([OW], -1, tl.int32)
+                valid = in_p
+            else:
+                lab = tl.load(y_ptr + (b * H + oy) * W + ox, mask=in_p, other=-1).to(tl.int32)
+                valid = in_p & (lab >= 0) & (lab < K) & (lab != ignore_index)
             x0, x1, wx = _source(ox, scale_w, w, ALIGN_CORNERS)
-            q00 = ((y0 * w + x0).to(tl.int64) * x_sp)[None, :]  # [1, OW]
-            q01 = ((y0 * w + x1).to(tl.int64) * x_sp)[None, :]
-            q10 = ((y1 * w + x0).to(tl.int64) * x_sp)[None, :]
-            q11 = ((y1 * w + x1).to(tl.int64) * x_sp)[None, :]
-            # log-sum-exp over all K classes at these output pixels, recomputed from the low-res logits
+            i00 = (y0 * w + x0).to(tl.int64)[None, :]  # [1, OW] low-res pixel indices of the four neighbours
+            i01 = (y0 * w + x1).to(tl.int64)[None, :]
+            i10 = (y1 * w + x0).to(tl.int64)[None, :]
+            i11 = (y1 * w + x1).to(tl.int64)[None, :]
+            # this chunk's logits, and the log-sum-exp over all K classes at these output pixels, recomputed from
+            # the low-res logits (from the chunk itself when it holds every class)
+            z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
+                             i00 * x_sp, i01 * x_sp, i10 * x_sp, i11 * x_sp, wx[None, :], wy[:, None])
+            if KD:
+                z = z * inv_temp
+            z = tl.where(in_k[:, None], z, -1e30)
             if ONE_CHUNK:
-                z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
-                                 q00, q01, q10, q11, wx[None, :], wy[:, None])
-                z = tl.where(in_k[:, None], z, -1e30)
                 m = tl.max(z, axis=0)
                 lse = m + tl.log(tl.sum(tl.exp(z - m[None, :]), axis=0))  # [OW]
             else:
-                m = tl.full([OW], float("-inf"), tl.float32)
-                s = tl.zeros([OW], tl.float32)
-                for c0 in range(0, K, K_BLOCK):
-                    c = c0 + k_idx
-                    in_c = c < K
-                    zc = _interpolate(x_ptr, b * x_sb + c[:, None].to(tl.int64) * x_sc,
-                                      in_c[:, None] & in_p[None, :], q00, q01, q10, q11, wx[None, :], wy[:, None])
-                    zc = tl.where(in_c[:, None], zc, -1e30)
-                    m_new = tl.maximum(m, tl.max(zc, axis=0))
-                    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zc - m_new[None, :]), axis=0)
-                    m = m_new
-                lse = m + tl.log(s)
-                z = _interpolate(x_ptr, b * x_sb + k[:, None].to(tl.int64) * x_sc, in_k[:, None] & in_p[None, :],
-                                 q00, q01, q10, q11, wx[None, :], wy[:, None])
-                z = tl.where(in_k[:, None], z, -1e30)
+                lse = _lse(x_ptr, b * x_sb, x_sc, i00 * x_sp, i01 * x_sp, i10 * x_sp, i11 * x_sp, wx, wy, in_p,
+                           k_idx, K, inv_temp if KD else 1.0, K_BLOCK, OW)
             prob = tl.exp(z - lse[None, :])  # [K_BLOCK, OW]; 0 for padded classes
-            onehot = tl.where(k[:, None] == lab[None, :], 1.0, 0.0)
+            if KD:  # the target is the teacher's softmax at temperature T
+                zt = _interpolate(t_ptr, b * t_sb + k[:, None].to(tl.int64) * t_sc, in_k[:, None] & in_p[None, :],
+                                  i00 * t_sp, i01 * t_sp, i10 * t_sp, i11 * t_sp, wx[None, :], wy[:, None]) * inv_temp
+                zt = tl.where(in_k[:, None], zt, -1e30)
+                if ONE_CHUNK:
+                    mt = tl.max(zt, axis=0)
+                    lse_t = mt + tl.log(tl.sum(tl.exp(zt - mt[None, :]), axis=0))
+                else:
+                    lse_t = _lse(t_ptr, b * t_sb, t_sc, i00 * t_sp, i01 * t_sp, i10 * t_sp, i11 * t_sp, wx, wy, in_p,
+                                 k_idx, K, inv_temp, K_BLOCK, OW)
+                onehot = tl.exp(zt - lse_t[None, :])
+            else:
+                onehot = tl.where(k[:, None] == lab[None, :], 1.0, 0.0)
             d = (prob - onehot) * tl.where(valid, g_scale, 0.0)[None, :]  # dL/dz of this chunk
             # transposed horizontal interpolation: [OW, TW] weights of each output column on the tile's columns
             w_col = (tl.where(x0[:, None] == tj[None, :], 1.0 - wx[:, None], 0.0)
@@ -238,6 +278,26 @@ def _upsampled_ce_bwd_kernel(
     offs = b * g_sb + k[:, None, None].to(tl.int64) * g_sc + pix * g_sp
     mask = in_k[:, None, None] & (ti < h)[None, :, None] & (tj < w)[None, None, :]
     tl.store(g_ptr + offs, acc.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lse(
+        x_ptr,  # [B, K, h*w] logits, any strides
+        base, x_sc, q00, q01, q10, q11, wx, wy, in_p, k_idx, K, mult, K_BLOCK: tl.constexpr, OW: tl.constexpr):
+    """log-sum-exp over all K classes (online, chunk by chunk) of mult * (bilinear logits) at a row segment's output
+    pixels [OW], recomputed from the low-res logits."""
+    m = tl.full([OW], float("-inf"), tl.float32)
+    s = tl.zeros([OW], tl.float32)
+    for c0 in range(0, K, K_BLOCK):
+        c = c0 + k_idx
+        in_c = c < K
+        zc = _interpolate(x_ptr, base + c[:, None].to(tl.int64) * x_sc, in_c[:, None] & in_p[None, :],
+                          q00, q01, q10, q11, wx[None, :], wy[:, None]) * mult
+        zc = tl.where(in_c[:, None], zc, -1e30)
+        m_new = tl.maximum(m, tl.max(zc, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zc - m_new[None, :]), axis=0)
+        m = m_new
+    return m + tl.log(s)
 
 
 # Tiling; tests shrink them so that small tensors reach every loop. Forward: [K_BLOCK, P_BLOCK] tiles of ~4K elements.
@@ -287,9 +347,9 @@ def upsampled_cross_entropy_forward(logits, labels, ignore_index, align_corners=
         _cpp.ops().upsampled_ce(x, _cpp.labels(y), int(ignore_index), loss, count, CPP_BLOCK)
     else:
         _upsampled_ce_fwd_kernel[(n_blk, b)](
-            x, y, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, *_scales(h, w, hh, ww, align_corners)[:2],
-            K_BLOCK=k_block, P_BLOCK=p_block, ALIGN_CORNERS=bool(align_corners),
-            num_warps=8 if k_block * p_block >= 2048 else 4)
+            x, y, x, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, *strides, 1.0,
+            *_scales(h, w, hh, ww, align_corners)[:2], K_BLOCK=k_block, P_BLOCK=p_block,
+            ALIGN_CORNERS=bool(align_corners), KD=False, num_warps=8 if k_block * p_block >= 2048 else 4)
     n_valid = count.sum()  # fixed-order sums of the partials: deterministic
     return loss.sum() / n_valid.clamp_min(1.0), n_valid
 
@@ -308,9 +368,9 @@ def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_
         return g
     n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
     _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
-        x, y, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strided_bchw(g)[1],
+        x, y, x, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strides, *strided_bchw(g)[1], 1.0,
         *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block,
-        PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), num_warps=8)
+        PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), KD=False, num_warps=8)
     return g
 
 
@@ -382,3 +442,113 @@ def upsampled_cross_entropy(logits, labels, ignore_index=255, align_corners=Fals
     if not fused or logits.dtype == torch.float64:
         return upsampled_cross_entropy_reference(logits, labels, ignore_index, align_corners)
     return op(logits, labels, int(ignore_index), bool(align_corners))[0]
+
+
+# ----------------------------------------------------------------------------- KD on upsampled logits
+def upsampled_pixel_kl_reference(student, teacher, size, temperature=1.0, scale=1.0, align_corners=False):
+    """pixel_kl of both logits upsampled bilinearly to `size` (H, W): scale * T^2 * sum over the B*H*W output pixels
+    of KL(softmax(t/T) || softmax(s/T)) / (B*H*W). Float32 scalar (float64 inputs computed in float64)."""
+    from kernels.pixel_kl import pixel_kl_reference
+
+    up = lambda x: F.interpolate(upcast(x), size=tuple(size), mode="bilinear", align_corners=align_corners)
+    return (pixel_kl_reference(up(student), up(teacher), temperature) * scale).float()
+
+
+def upsampled_pixel_kl_forward(student, teacher, hh, ww, temperature, scale, align_corners):
+    """The KD mode of the forward kernel: (loss [] fp32, B*H*W [] fp32)."""
+    x, strides = strided_bchw(student)
+    t, t_strides = strided_bchw(teacher)
+    b, k, h, w = x.shape
+    k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
+    p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
+    n_blk = triton.cdiv(hh * ww, p_block)
+    loss = empty((b, n_blk), torch.float32, x.device)
+    count = empty((b, n_blk), torch.float32, x.device)
+    _upsampled_ce_fwd_kernel[(n_blk, b)](
+        x, x, t, loss, count, k, h, w, hh, ww, -1, *strides, *t_strides, 1.0 / float(temperature),
+        *_scales(h, w, hh, ww, align_corners)[:2], K_BLOCK=k_block, P_BLOCK=p_block,
+        ALIGN_CORNERS=bool(align_corners), KD=True, num_warps=8 if k_block * p_block >= 2048 else 4)
+    n = count.sum()
+    return loss.sum() / n.clamp_min(1.0) * (float(temperature) ** 2 * float(scale)), n
+
+
+def upsampled_pixel_kl_backward(student, teacher, hh, ww, n, grad_loss, temperature, scale, align_corners):
+    """dL/dstudent [B, K, h, w] in the student's dtype and layout: the KD mode of the backward gather."""
+    x, strides = strided_bchw(student)
+    t, t_strides = strided_bchw(teacher)
+    b, k, h, w = x.shape
+    th, tw, ow = BWD_TILE
+    k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
+    g_scale = (grad_loss.float() * (float(temperature) * float(scale)) / n.clamp_min(1.0)).reshape(())
+    g = empty_like(student)
+    n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
+    _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
+        x, x, t, g_scale, g, k, h, w, hh, ww, -1, *strides, *t_strides, *strided_bchw(g)[1],
+        1.0 / float(temperature), *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow,
+        ONE_CHUNK=k <= k_block, PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), KD=True, num_warps=8)
+    return g
+
+
+@torch.library.custom_op("segkd::upsampled_pixel_kl", mutates_args=())
+def _upsampled_kd_op(student: torch.Tensor, teacher: torch.Tensor, height: int, width: int, temperature: float,
+                     scale: float, align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return upsampled_pixel_kl_forward(student, teacher, height, width, temperature, scale, align_corners)
+
+
+@_upsampled_kd_op.register_fake
+def _(student, teacher, height, width, temperature, scale, align_corners):
+    return student.new_empty((), dtype=torch.float32), student.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("segkd::upsampled_pixel_kl_backward", mutates_args=())
+def _upsampled_kd_backward_op(student: torch.Tensor, teacher: torch.Tensor, height: int, width: int,
+                              n: torch.Tensor, grad_loss: torch.Tensor, temperature: float, scale: float,
+                              align_corners: bool) -> torch.Tensor:
+    return upsampled_pixel_kl_backward(student, teacher, height, width, n, grad_loss, temperature, scale,
+                                       align_corners)
+
+
+@_upsampled_kd_backward_op.register_fake
+def _(student, teacher, height, width, n, grad_loss, temperature, scale, align_corners):
+    return empty_like(student, poison=False)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    student, teacher, *ctx.args = inputs  # height, width, temperature, scale, align_corners
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(student, teacher, output[1])
+
+
+def _kd_backward(ctx, grad_loss, _grad_n):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    student, teacher, n = ctx.saved_tensors
+    height, width, temperature, scale, align_corners = ctx.args
+    g = _upsampled_kd_backward_op(student, teacher, height, width, n, grad_loss, temperature, scale, align_corners)
+    return g, None, None, None, None, None, None
+
+
+_upsampled_kd_op.register_autograd(_kd_backward, setup_context=_kd_setup_context)
+
+
+def upsampled_pixel_kl(student, teacher, size, temperature=1.0, scale=1.0, align_corners=False):
+    """Per-pixel KD on logits [B, K, h, w] upsampled bilinearly to `size` (H, W), as the codes behind the CWD and APD
+    tables compute their KD term (they interpolate both logits to the label size, then take KLDivLoss):
+        L = scale * T^2 * sum_{b,p} KL(softmax(t_p/T) || softmax(s_p/T)) / (B*H*W)
+    i.e. upsampled_pixel_kl_reference. Fused when `kernels._dispatch.use_triton` says so: the forward and the
+    backward interpolate on the fly (upsampled_cross_entropy's kernels in their KD mode: the teacher's softmax as the
+    target, every pixel counted), so no label-size logits are ever written (two [8, 19, 512, 1024] fp32 tensors at
+    the workload, with their backward). A teacher that requires grad takes the reference. Triton and torch only
+    (no C++ kernel)."""
+    if student.dim() != 4 or student.shape != teacher.shape:
+        raise ValueError(f"upsampled_pixel_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
+                         "both be [B, K, h, w]")
+    hh, ww = (int(v) for v in size)
+    if 0 in student.shape[1:] or hh <= 0 or ww <= 0:
+        raise ValueError(f"upsampled_pixel_kl: logits {tuple(student.shape)} and size {(hh, ww)} need at least one "
+                         "class and one pixel")
+    if not use_triton(student, teacher) or student.dtype == torch.float64 or (
+            torch.is_grad_enabled() and teacher.requires_grad):
+        return upsampled_pixel_kl_reference(student, teacher, (hh, ww), temperature, scale, align_corners)
+    return _upsampled_kd_op(student, teacher, hh, ww, float(temperature), float(scale), bool(align_corners))[0]

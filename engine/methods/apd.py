@@ -37,7 +37,8 @@ prototype per class over every pixel of the (per-GPU) batch, A^i = sum_b count_b
               element: B*N*h*w, torch.nn.KLDivLoss()'s element mean as in the code   (default)
               pixel:   B*h*w (N times stronger)
     L_kd  = per-pixel KD on the logits upsampled bilinearly (align_corners=True) to the label size, unit as
-              above (the code's CriterionKD interpolates before its KLDivLoss())
+              above (the code's CriterionKD interpolates before its KLDivLoss()); kernels.upsampled_pixel_kl,
+              which interpolates on the fly, as kernels.upsampled_cross_entropy does for this L_t
 Both conventions exclude ignore-labelled pixels from the prototypes and the CE, and let every pixel (ignored
 or not) observe in L_ob, as the code does. The rest of the code's recipe is the trainer's: P_s and the head at
 10x the backbone lr (--head-lr-mult 10), the auxiliary CE (--aux-weight 0.4). Not reproduced: the code taps
@@ -103,11 +104,6 @@ def batch_prototypes(protos, counts):
     """
     n = counts.sum(0)  # [K]
     return (protos * counts[..., None]).sum(0) / n.clamp_min(1)[:, None], n
-
-
-def upsample(x, size):
-    """Bilinear, align_corners=True: how the authors' code brings [B, C, h, w] maps to the label size."""
-    return x if x.shape[-2:] == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 class APD(Method):
@@ -186,7 +182,8 @@ class APD(Method):
         scale = cfg.apd_kd_weight / n_present if cfg.apd_kd_unit == "element" else cfg.apd_kd_weight
         l_ob = kernels.prototype_kl(f_s, f_t.detach(), a_s_b, a_t_b.detach(), present_b, tau, scale=scale)
 
-        size = full_labels.shape[-2:]
-        l_kd = logit_kd(upsample(s.logits, size), upsample(t.logits, size), cfg.temperature, cfg.apd_kd_unit,
-                        cfg.apd_kd_weight)
+        # the code's CriterionKD on logits interpolated to the label size, fused: no label-size logits are written
+        weight = cfg.apd_kd_weight / s.logits.shape[1] if cfg.apd_kd_unit == "element" else cfg.apd_kd_weight
+        l_kd = kernels.upsampled_pixel_kl(s.logits, t.logits, full_labels.shape[-2:], cfg.temperature, scale=weight,
+                                          align_corners=True)
         return l_t, l_rec, l_ob, l_kd

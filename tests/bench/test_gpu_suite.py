@@ -30,7 +30,7 @@ def test_dry_run_writes_every_part(tmp_path):
     # correctness: every fused op, each dtype and layout at least once, all within tolerance
     rows = parts["workload"]["rows"]
     assert {r["op"] for r in rows} == {"pixel_kl", "channel_kl", "angular_loss", "masked_avg_pool", "prototype_kl",
-                                       "prototype_logits", "prototype_ce",
+                                       "prototype_logits", "prototype_ce", "upsampled_pixel_kl",
                                        "bn_stat_distance", "pairwise_similarity_loss", "class_centre_mse",
                                        "upsampled_cross_entropy", "teacher conv_bias_relu"}
     (teacher,) = [r for r in rows if r["op"] == "teacher conv_bias_relu"]  # the lean teacher, fused and not

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_testing import DEVICE, randn
 from kernels import (angular_loss, bn_stat_distance, channel_kl, masked_avg_pool, pixel_kl, prototype_kl,
-                     prototype_logits)
+                     prototype_logits, upsampled_pixel_kl)
 
 ZEROS = {torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default,
          torch.ops.aten.full.default, torch.ops.aten.full_like.default}
@@ -42,6 +42,7 @@ def cases():
         "masked_avg_pool": (lambda x: masked_avg_pool(x, labels, 4)[0].square().sum(), f_s),
         "masked_avg_pool normalize": (lambda x: masked_avg_pool(x, labels, 4, normalize=True)[0].square().sum(), s),
         "prototype_logits": (lambda x: prototype_logits(x, protos_t.detach(), present, 0.1).square().sum(), f_t),
+        "upsampled_pixel_kl": (lambda x: upsampled_pixel_kl(x, t, (13, 11), 2.0, align_corners=True), s),
         "prototype_kl": (lambda x: prototype_kl(x, f_t, protos_s.detach(), protos_t, present, 0.1), f_s),
         "bn_stat_distance": (lambda x: bn_stat_distance(x, mean, var).sum(), s),
     }

@@ -295,3 +295,68 @@ def test_align_corners_is_not_the_default_rule():
     x, lab = randn(1, 19, 5, 7, scale=3), make_labels(1, 19, 17, 23)
     a = upsampled_cross_entropy_reference(x, lab, 255, align_corners=True)
     assert abs(a.item() - upsampled_cross_entropy_reference(x, lab, 255).item()) > 1e-3
+
+
+# ---------------------------------------------------------------- upsampled_pixel_kl: KD at the label size (issue 12)
+KD_SHAPES = [(2, 19, 5, 7, 17, 23), (1, 150, 3, 5, 9, 16), (2, 11, 9, 8, 4, 5), (2, 19, 1, 7, 8, 9),
+             (1, 21, 8, 8, 8, 8)]
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """upsampled_pixel_kl has Triton and torch paths only."""
+    from kernel_testing import force_backend
+
+    force_backend("triton", monkeypatch)
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["half-pixel", "align_corners"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", KD_SHAPES, ids=str)
+def test_kd_matches_reference(triton_path, shape, dtype, align_corners):
+    b, k, h, w, hh, ww = shape
+    t = randn(b, k, h, w, dtype=dtype, scale=3, seed=7)
+    compare(lambda s: kernels.upsampled_pixel_kl(s, t, (hh, ww), 2.0, scale=0.5, align_corners=align_corners),
+            lambda s: uce.upsampled_pixel_kl_reference(s, t, (hh, ww), 2.0, 0.5, align_corners),
+            [randn(b, k, h, w, dtype=dtype, scale=3)])
+
+
+def test_kd_is_pixel_kl_of_the_upsampled_logits(triton_path):
+    """Against the unfused form APD's code computes: interpolate both logits, then pixel_kl (T^2 KL pixel mean)."""
+    s, t = randn(2, 19, 5, 7, scale=3), randn(2, 19, 5, 7, scale=3, seed=3)
+    up = lambda x: F.interpolate(x, size=(17, 23), mode="bilinear", align_corners=True)
+    compare(lambda s: kernels.upsampled_pixel_kl(s, t, (17, 23), 4.0, align_corners=True),
+            lambda s: kernels.pixel_kl(up(s), up(t), 4.0), [s])
+
+
+def test_kd_writes_no_label_size_tensor(triton_path):
+    """Nothing of B*H*W elements is allocated forward or backward; the reference does allocate [B, K, H, W]."""
+    b, k, h, w, hh, ww = 1, 5, 3, 4, 24, 32
+    s, t = randn(b, k, h, w).requires_grad_(), randn(b, k, h, w, seed=4)
+    with NewTensors(b * hh * ww, [s, t]) as seen:
+        kernels.upsampled_pixel_kl(s, t, (hh, ww), 2.0, align_corners=True).backward()
+    assert not seen.shapes and s.grad is not None, seen.shapes
+    with NewTensors(b * k * hh * ww, [s, t]) as seen:
+        uce.upsampled_pixel_kl_reference(s, t, (hh, ww), 2.0, 1.0, True).backward()
+    assert (b, k, hh, ww) in [shape for _, shape in seen.shapes]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_kd_small_tiles_and_layouts_read_in_place(triton_path, tiles, layout):
+    b, k, h, w, hh, ww = 1, 19, 5, 18, 11, 37
+    s, t = laid_out(randn(b, k, h, w, scale=3), layout), laid_out(randn(b, k, h, w, scale=3, seed=5), layout)
+    _, (g,) = compare(lambda s: kernels.upsampled_pixel_kl(s, t, (hh, ww), 1.0, align_corners=True),
+                      lambda s: uce.upsampled_pixel_kl_reference(s, t, (hh, ww), 1.0, 1.0, True), [s])
+    assert g.stride() == s.stride()
+    s = s.detach().requires_grad_()
+    with layout_copies() as copies:
+        kernels.upsampled_pixel_kl(s, t, (hh, ww), 1.0, align_corners=True).backward()
+    assert s.shape not in copies
+
+
+def test_kd_teacher_requiring_grad_takes_the_reference_and_bad_shapes_are_named(triton_path):
+    s, t = randn(1, 19, 4, 5, scale=3), randn(1, 19, 4, 5, scale=3, seed=2)
+    compare(lambda s, t: kernels.upsampled_pixel_kl(s, t, (9, 11), 1.0),
+            lambda s, t: uce.upsampled_pixel_kl_reference(s, t, (9, 11), 1.0), [s, t], grad_idx=(0, 1))
+    with pytest.raises(ValueError, match="upsampled_pixel_kl"):
+        kernels.upsampled_pixel_kl(s, t[:, :5], (9, 11))
