@@ -163,8 +163,8 @@ def _upsampled_ce_fwd_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), axis=0)
         m = m_new
         z_y += tl.sum(tl.where(k[:, None] == y[None, :], z, 0.0), axis=0)
-    if KD:
-        loss = a / st - (mt + tl.log(st)) + (m + tl.log(s))
+    if KD:  # >= 0 in exact arithmetic; the clamp keeps rounding (large logits, p_s ~ p_t) from going below
+        loss = tl.maximum(a / st - (mt + tl.log(st)) + (m + tl.log(s)), 0.0)
     else:
         loss = tl.log(s) + m - z_y  # [P_BLOCK]
     out = b * tl.num_programs(0) + blk
