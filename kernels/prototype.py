@@ -221,11 +221,6 @@ def _prototype_kl_fwd_kernel(
     tl.store(kl_ptr + b * tl.num_programs(0) + split, kl_acc)
 
 
-def pres_placeholder(present):
-    """A tensor to pass for a pointer the kernel does not read (labels without LABELS)."""
-    return present
-
-
 GA_PROGRAMS = 256  # programs per launch when dL/dA_hat_s is reduced: about 2 per SM of an H100/H200
 GA_WORKSPACE_BYTES = 64 << 20  # bound on the [B, n_split, K, D] fp32 workspace
 
@@ -247,7 +242,7 @@ def prototype_kl_forward(feat_s, feat_t, ahat_s, ahat_t, present, tau, write_gf,
     ft, ft_strides = strided_bchw(feat_t) if labels is None else (fs, fs_strides)
     a_s = ahat_s.float().contiguous()
     a_t = ahat_t.float().contiguous() if labels is None else a_s
-    y = labels.contiguous() if labels is not None else pres_placeholder(present)
+    y = labels.contiguous() if labels is not None else present  # never read without LABELS
     pres = present.contiguous().view(torch.uint8)
     b, d = fs.shape[:2]
     hw = fs[0, 0].numel()
@@ -517,8 +512,21 @@ def _check_observation(name, feat, protos, present):
     if feat.dim() != 4 or protos.dim() != 3 or protos.shape[0] != feat.shape[0] or protos.shape[2] != feat.shape[1]:
         raise ValueError(f"{name}: feat {tuple(feat.shape)} must be [B, D, H, W] and protos {tuple(protos.shape)} "
                          "[B, K, D] with the same B and D")
+    _check_present(name, present, protos)
+
+
+def _check_present(name, present, protos):
     if present.shape != protos.shape[:2] or present.dtype != torch.bool:
         raise ValueError(f"{name}: present must be a bool [B, K] mask, got {present.dtype} {tuple(present.shape)}")
+
+
+def _scale_tensor(name, scale, device):
+    """An op's optional `scale` (a number or a one-element tensor) as a tensor on `device`, or None."""
+    if scale is not None and not torch.is_tensor(scale):
+        scale = torch.full((), float(scale), dtype=torch.float32, device=device)
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"{name}: scale must be a number or a one-element tensor, got {tuple(scale.shape)}")
+    return scale
 
 
 def prototype_logits(feat, protos, present, tau):
@@ -551,10 +559,7 @@ def prototype_ce(feat, protos, present, labels, tau, ignore_index=255, scale=Non
     if labels.shape != feat.shape[:1] + feat.shape[2:] or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"prototype_ce: labels must be an integer [B, H, W] tensor at the features' resolution, got "
                          f"{labels.dtype} {tuple(labels.shape)} for features {tuple(feat.shape)}")
-    if scale is not None and not torch.is_tensor(scale):
-        scale = torch.full((), float(scale), dtype=torch.float32, device=feat.device)
-    if scale is not None and scale.numel() != 1:
-        raise ValueError(f"prototype_ce: scale must be a number or a one-element tensor, got {tuple(scale.shape)}")
+    scale = _scale_tensor("prototype_ce", scale, feat.device)
     if not use_triton(feat, protos) or (scale is not None and needs_grad(scale)):
         return prototype_ce_reference(feat, protos, present, labels, tau, ignore_index, scale)
     b, k = protos.shape[:2]
@@ -581,13 +586,8 @@ def prototype_kl(feat_s, feat_t, protos_s, protos_t, present, tau, scale=None):
     if protos_s.shape != protos_t.shape or protos_s.dim() != 3 or protos_s.shape[0] != b or protos_s.shape[2] != d:
         raise ValueError(f"prototype_kl: protos_s {tuple(protos_s.shape)} and protos_t {tuple(protos_t.shape)} must "
                          f"both be [B, K, D] with B={b}, D={d}")
-    if present.shape != protos_s.shape[:2] or present.dtype != torch.bool:
-        raise ValueError(f"prototype_kl: present must be a bool [B, K] mask, got {present.dtype} "
-                         f"{tuple(present.shape)}")
-    if scale is not None and not torch.is_tensor(scale):
-        scale = torch.full((), float(scale), dtype=torch.float32, device=feat_s.device)
-    if scale is not None and scale.numel() != 1:
-        raise ValueError(f"prototype_kl: scale must be a number or a one-element tensor, got {tuple(scale.shape)}")
+    _check_present("prototype_kl", present, protos_s)
+    scale = _scale_tensor("prototype_kl", scale, feat_s.device)
     fixed = (feat_t, protos_t) if scale is None else (feat_t, protos_t, scale)
     if not use_triton(feat_s, feat_t, protos_s, protos_t) or needs_grad(*fixed):
         return prototype_kl_reference(feat_s, feat_t, protos_s, protos_t, present, tau, scale)

@@ -332,24 +332,48 @@ def _scales(h, w, hh, ww, align_corners):
     return fwd(h, hh), fwd(w, ww), inv(h, hh), inv(w, ww)
 
 
+def _forward_partials(x, strides, y, t, t_strides, hh, ww, ignore_index, inv_temp, align_corners, kd):
+    """The Triton forward, CE (labels y; t unread) or KD (teacher t; y unread): per-block partials (loss sums, valid
+    pixel counts), each [B, n_blocks] fp32."""
+    b, k, h, w = x.shape
+    k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
+    p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
+    n_blk = triton.cdiv(hh * ww, p_block)
+    loss = empty((b, n_blk), torch.float32, x.device)
+    count = empty((b, n_blk), torch.float32, x.device)
+    _upsampled_ce_fwd_kernel[(n_blk, b)](
+        x, y, t, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, *t_strides, inv_temp,
+        *_scales(h, w, hh, ww, align_corners)[:2], K_BLOCK=k_block, P_BLOCK=p_block,
+        ALIGN_CORNERS=bool(align_corners), KD=kd, num_warps=8 if k_block * p_block >= 2048 else 4)
+    return loss, count
+
+
+def _backward_gather(x, strides, y, t, t_strides, hh, ww, ignore_index, g_scale, g, inv_temp, align_corners, kd):
+    """The Triton backward gather into g (dL/dx, x's shape), CE (labels y; t unread) or KD (teacher t; y unread)."""
+    b, k, h, w = x.shape
+    th, tw, ow = BWD_TILE
+    k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
+    n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
+    _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
+        x, y, t, g_scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *t_strides, *strided_bchw(g)[1], inv_temp,
+        *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block,
+        PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), KD=kd, num_warps=8)
+    return g
+
+
 def upsampled_cross_entropy_forward(logits, labels, ignore_index, align_corners=False):
     """Launch the forward kernel. Returns (loss [] fp32, |V| [] fp32), both on the device."""
-    x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
+    x, strides, b, *_, hh, ww = _geometry(logits, labels)
     y = labels.contiguous()
     # the C++ kernel (csrc/) in place of the Triton launch; it has align_corners=False's rule only
     cpp = use_cpp("upsampled_cross_entropy", x) and not align_corners
-    k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
-    p_block = CPP_BLOCK if cpp else min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
-    n_blk = -(-hh * ww // p_block)  # not triton.cdiv: the C++ path runs without triton
-    loss = empty((b, n_blk), torch.float32, x.device)  # per-block partials, the same on both paths
-    count = empty((b, n_blk), torch.float32, x.device)
     if cpp:
+        n_blk = -(-hh * ww // CPP_BLOCK)  # not triton.cdiv: the C++ path runs without triton
+        loss = empty((b, n_blk), torch.float32, x.device)  # per-block partials, the same on both paths
+        count = empty((b, n_blk), torch.float32, x.device)
         _cpp.ops().upsampled_ce(x, _cpp.labels(y), int(ignore_index), loss, count, CPP_BLOCK)
     else:
-        _upsampled_ce_fwd_kernel[(n_blk, b)](
-            x, y, x, loss, count, k, h, w, hh, ww, int(ignore_index), *strides, *strides, 1.0,
-            *_scales(h, w, hh, ww, align_corners)[:2], K_BLOCK=k_block, P_BLOCK=p_block,
-            ALIGN_CORNERS=bool(align_corners), KD=False, num_warps=8 if k_block * p_block >= 2048 else 4)
+        loss, count = _forward_partials(x, strides, y, x, strides, hh, ww, ignore_index, 1.0, align_corners, False)
     n_valid = count.sum()  # fixed-order sums of the partials: deterministic
     return loss.sum() / n_valid.clamp_min(1.0), n_valid
 
@@ -357,21 +381,14 @@ def upsampled_cross_entropy_forward(logits, labels, ignore_index, align_corners=
 def upsampled_cross_entropy_backward(logits, labels, n_valid, grad_loss, ignore_index, align_corners=False):
     """Launch the backward kernel: dL/dlogits [B, K, h, w] in the logits' dtype and layout, scaled by grad_loss (a
     0-dim device tensor, never read on the host)."""
-    x, strides, b, k, h, w, hh, ww = _geometry(logits, labels)
+    x, strides, *_, hh, ww = _geometry(logits, labels)
     y = labels.contiguous()
-    th, tw, ow = BWD_TILE
-    k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
     scale = (grad_loss.float() / n_valid.clamp_min(1.0)).reshape(())
     g = empty_like(logits)  # the logits' memory format
     if use_cpp("upsampled_cross_entropy", x) and not align_corners:
         _cpp.ops().upsampled_ce_backward(x, _cpp.labels(y), scale, int(ignore_index), g)
         return g
-    n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
-    _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
-        x, y, x, scale, g, k, h, w, hh, ww, int(ignore_index), *strides, *strides, *strided_bchw(g)[1], 1.0,
-        *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow, ONE_CHUNK=k <= k_block,
-        PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), KD=False, num_warps=8)
-    return g
+    return _backward_gather(x, strides, y, x, strides, hh, ww, ignore_index, scale, g, 1.0, align_corners, False)
 
 
 @torch.library.custom_op("segkd::upsampled_cross_entropy", mutates_args=())
@@ -458,16 +475,8 @@ def upsampled_pixel_kl_forward(student, teacher, hh, ww, temperature, scale, ali
     """The KD mode of the forward kernel: (loss [] fp32, B*H*W [] fp32)."""
     x, strides = strided_bchw(student)
     t, t_strides = strided_bchw(teacher)
-    b, k, h, w = x.shape
-    k_block = min(FWD_K_BLOCK, max(16, next_pow2(k)))
-    p_block = min(max(16, FWD_TILE // k_block), max(16, next_pow2(hh * ww)))
-    n_blk = triton.cdiv(hh * ww, p_block)
-    loss = empty((b, n_blk), torch.float32, x.device)
-    count = empty((b, n_blk), torch.float32, x.device)
-    _upsampled_ce_fwd_kernel[(n_blk, b)](
-        x, x, t, loss, count, k, h, w, hh, ww, -1, *strides, *t_strides, 1.0 / float(temperature),
-        *_scales(h, w, hh, ww, align_corners)[:2], K_BLOCK=k_block, P_BLOCK=p_block,
-        ALIGN_CORNERS=bool(align_corners), KD=True, num_warps=8 if k_block * p_block >= 2048 else 4)
+    loss, count = _forward_partials(x, strides, x, t, t_strides, hh, ww, -1, 1.0 / float(temperature),
+                                    align_corners, True)
     n = count.sum()
     return loss.sum() / n.clamp_min(1.0) * (float(temperature) ** 2 * float(scale)), n
 
@@ -476,17 +485,9 @@ def upsampled_pixel_kl_backward(student, teacher, hh, ww, n, grad_loss, temperat
     """dL/dstudent [B, K, h, w] in the student's dtype and layout: the KD mode of the backward gather."""
     x, strides = strided_bchw(student)
     t, t_strides = strided_bchw(teacher)
-    b, k, h, w = x.shape
-    th, tw, ow = BWD_TILE
-    k_block = min(BWD_K_BLOCK, max(16, next_pow2(k)))
     g_scale = (grad_loss.float() * (float(temperature) * float(scale)) / n.clamp_min(1.0)).reshape(())
-    g = empty_like(student)
-    n_tiles = triton.cdiv(h, th) * triton.cdiv(w, tw)
-    _upsampled_ce_bwd_kernel[(n_tiles, triton.cdiv(k, k_block), b)](
-        x, x, t, g_scale, g, k, h, w, hh, ww, -1, *strides, *t_strides, *strided_bchw(g)[1],
-        1.0 / float(temperature), *_scales(h, w, hh, ww, align_corners), K_BLOCK=k_block, TH=th, TW=tw, OW=ow,
-        ONE_CHUNK=k <= k_block, PRECISION=DOT_PRECISION, ALIGN_CORNERS=bool(align_corners), KD=True, num_warps=8)
-    return g
+    return _backward_gather(x, strides, x, t, t_strides, hh, ww, -1, g_scale, empty_like(student),
+                            1.0 / float(temperature), align_corners, True)
 
 
 @torch.library.custom_op("segkd::upsampled_pixel_kl", mutates_args=())
